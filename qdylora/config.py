@@ -1,0 +1,104 @@
+"""QDyLoRAConfig: what a dynamic-rank adapter is (ranks, scale, targets, update rule)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Every linear of attention and MLP in the common decoder families (Llama, Mistral, Qwen,
+# Gemma, Falcon, GPT-NeoX, GPT-2, OPT, Phi). Names that a model lacks are ignored as long
+# as at least one matches.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj",
+    "gate_proj", "up_proj", "down_proj",
+    "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
+    "c_attn", "c_proj", "c_fc",
+    "fc1", "fc2", "out_proj", "qkv_proj", "gate_up_proj", "Wqkv",
+)
+
+UPDATE_MODES = ("frozen", "nested")
+SAMPLERS = ("uniform", "geometric", "list")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+@dataclass
+class QDyLoRAConfig:
+    """Dynamic-rank LoRA settings; one rank in [r_min, r_max] is sampled per optimizer step."""
+
+    r_min: int = 1
+    r_max: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    rank_sampler: str = "uniform"
+    # geometric: P(b) proportional to geometric_p * (1 - geometric_p) ** (b - r_min)
+    geometric_p: float = 0.1
+    # list: ranks drawn uniformly from this list
+    rank_list: list[int] | None = None
+    update: str = "frozen"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad field and how to fix it."""
+        if not isinstance(self.r_min, int) or not isinstance(self.r_max, int):
+            raise ConfigError(f"r_min and r_max must be integers, got r_min={self.r_min!r}, r_max={self.r_max!r}.")
+        if self.r_min < 1:
+            raise ConfigError(f"r_min={self.r_min} must be >= 1; use --r-min 1 or larger.")
+        if self.r_min > self.r_max:
+            raise ConfigError(
+                f"r_min={self.r_min} is larger than r_max={self.r_max}; choose r_min <= r_max "
+                f"(for example --r-min 1 --r-max {max(self.r_min, 64)})."
+            )
+        if self.update not in UPDATE_MODES:
+            raise ConfigError(f"update={self.update!r} is unknown; use one of {', '.join(UPDATE_MODES)}.")
+        if self.rank_sampler not in SAMPLERS:
+            raise ConfigError(f"rank_sampler={self.rank_sampler!r} is unknown; use one of {', '.join(SAMPLERS)}.")
+        if self.rank_sampler == "list":
+            if not self.rank_list:
+                raise ConfigError("rank_sampler='list' needs rank_list, e.g. rank_list=[1, 4, 16, 64].")
+            bad = [r for r in self.rank_list if not (self.r_min <= int(r) <= self.r_max)]
+            if bad:
+                raise ConfigError(f"rank_list has ranks {bad} outside [r_min, r_max] = [{self.r_min}, {self.r_max}].")
+        if self.rank_sampler == "geometric" and not (0.0 < self.geometric_p <= 1.0):
+            raise ConfigError(f"geometric_p={self.geometric_p} must be in (0, 1].")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha} must be positive.")
+
+    def check_rank(self, rank: int) -> int:
+        """Return rank if it lies in [r_min, r_max], else raise a ConfigError that says the range."""
+        if isinstance(rank, bool) or int(rank) != rank or not (self.r_min <= int(rank) <= self.r_max):
+            raise ConfigError(
+                f"rank {rank} is outside this adapter's range [{self.r_min}, {self.r_max}]; "
+                f"pick a rank between {self.r_min} and {self.r_max}."
+            )
+        return int(rank)
+
+    def scale(self, rank: int) -> float:
+        """DyLoRA's scale alpha / b at rank b."""
+        return self.alpha / rank
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGET_MODULES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QDyLoRAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))

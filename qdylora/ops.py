@@ -1,0 +1,71 @@
+"""The QDyLoRA linear op and its backend choice (Triton on CUDA, PyTorch reference elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+from bitsandbytes.functional import QuantState
+
+from .reference import ReferenceQDyLoRALinear, row_ranks
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@lru_cache(maxsize=1)
+def _triton_impl():
+    """The Triton op, or None when it cannot be imported here (no triton, no kernels package)."""
+    try:
+        from qdylora_kernels import triton_qdylora_linear
+    except Exception as e:  # triton missing or broken: the reference path still works
+        warnings.warn(f"qdylora: Triton kernels unavailable ({e}); using the PyTorch reference path")
+        return None
+    return triton_qdylora_linear
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """'reference' or 'triton' for a tensor on `device`; QDYLORA_BACKEND overrides 'auto'."""
+    choice = backend or "auto"
+    if choice == "auto":
+        choice = os.environ.get("QDYLORA_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend {choice!r} is unknown; set QDYLORA_BACKEND to one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and _triton_impl() is not None else "reference"
+    if choice == "triton" and _triton_impl() is None:
+        raise RuntimeError("QDYLORA_BACKEND=triton but the Triton kernels cannot be imported; install triton")
+    return choice
+
+
+def qdylora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: QuantState,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranks: int | torch.Tensor,
+    alpha: float,
+    update: str = "nested",
+    x_lora: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x @ deq(W)^T + (alpha/r) * (x_lora @ A[:r]^T) @ B[:, :r]^T + bias, per-row ranks r.
+
+    x: [..., in]; weight/quant_state: a bitsandbytes NF4 weight; lora_A: [R, in]; lora_B: [out, R]
+    with R >= every rank; ranks: an int, or a tensor with one rank per row or per leading batch
+    element; update: 'frozen' (only component r-1 of a row gets gradient) or 'nested' (all < r);
+    x_lora: the input of the low-rank path when it differs from x (dropout).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    xl2 = None if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
+    r = row_ranks(ranks, x2.shape[0], x.device)
+    if backend is None and x2.shape[0] == 0:
+        backend = "reference"
+    impl = resolve_backend(backend, x.device)
+    fn = _triton_impl() if impl == "triton" else ReferenceQDyLoRALinear.apply
+    y = fn(x2, weight, quant_state, bias, lora_A, lora_B, r, float(alpha), update, xl2)
+    return y.reshape(*lead, y.shape[-1])
