@@ -1,0 +1,143 @@
+"""Load a causal LM and freeze its linears in bitsandbytes NF4 with double quantization (QLoRA storage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+NF4_BLOCKSIZE = 64  # QLoRA's storage: 64 weights per absmax, absmax quantized again in blocks of 256
+NESTED_BLOCKSIZE = 256
+# Kept in full precision, as QLoRA / BitsAndBytesConfig do: the output head and anything the user lists.
+DEFAULT_SKIP_MODULES = ("lm_head", "embed_out", "output")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPU (QLoRA's compute dtype), fp32 on CPU where bf16 matmuls are slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def quantize_linear(linear: nn.Linear, device: torch.device | str | None = None,
+                    compute_dtype: torch.dtype | None = None) -> bnb.nn.Linear4bit:
+    """Return a frozen bnb Linear4bit (NF4, blocksize 64, nested absmax) holding `linear`'s weight."""
+    device = torch.device(device) if device is not None else default_device()
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    q = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta",
+    )
+    w = linear.weight.detach()
+    if w.device.type == "meta":
+        raise ValueError("cannot quantize a weight on the meta device; load its values first")
+    q.weight = bnb.nn.Params4bit(
+        w.to(device="cpu" if device.type != "cpu" and w.device.type == "cpu" else w.device),
+        requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=NF4_BLOCKSIZE,
+        quant_storage=torch.uint8,
+    )
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
+    # Params4bit quantizes when moved to its device (bnb 0.50 quantizes on the CPU too)
+    q = q.to(device)
+    if not getattr(q.weight, "bnb_quantized", False):
+        q.weight = q.weight._quantize(device) if hasattr(q.weight, "_quantize") else q.weight
+    q.weight.requires_grad_(False)
+    return q
+
+
+def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_model(model: nn.Module, device: torch.device | str | None = None,
+                   compute_dtype: torch.dtype | None = None,
+                   skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> nn.Module:
+    """Replace every nn.Linear except the skipped ones (LM head) by NF4 Linear4bit, one at a time."""
+    device = torch.device(device) if device is not None else default_device()
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not _is_skipped(name, skip_modules):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, quantize_linear(module, device, compute_dtype))
+            del module  # free the full-precision weight before the next layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    model.is_loaded_in_4bit = True  # what peft / transformers look at for a 4-bit model
+    return model
+
+
+def quantized_linears(model: nn.Module) -> dict[str, bnb.nn.Linear4bit]:
+    """Name -> Linear4bit for every 4-bit linear in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def check_nf4_storage(module: bnb.nn.Linear4bit) -> None:
+    """Raise ValueError unless the layer is NF4 with nested absmax at blocksize 64 / 256."""
+    qs = module.weight.quant_state
+    problems = []
+    if qs is None:
+        problems.append("no quant_state (not quantized)")
+    else:
+        if qs.quant_type != "nf4":
+            problems.append(f"quant_type={qs.quant_type} (need nf4)")
+        if qs.blocksize != NF4_BLOCKSIZE:
+            problems.append(f"blocksize={qs.blocksize} (need {NF4_BLOCKSIZE})")
+        if not qs.nested or qs.state2 is None:
+            problems.append("absmax not double-quantized (need bnb_4bit_use_double_quant=True)")
+        elif qs.state2.blocksize != NESTED_BLOCKSIZE:
+            problems.append(f"nested blocksize={qs.state2.blocksize} (need {NESTED_BLOCKSIZE})")
+    if problems:
+        raise ValueError("4-bit layer is not QLoRA NF4 storage: " + "; ".join(problems) +
+                         ". Re-quantize with quant_type='nf4', blocksize 64 and double quantization.")
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """Identity of a quantized base: its name, and a hash of every 4-bit linear's name and shape."""
+    items = sorted((n, tuple(m.weight.quant_state.shape)) for n, m in quantized_linears(model).items())
+    digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    return {"name": str(name), "shapes_sha256": digest, "num_4bit_linears": len(items)}
+
+
+def load_quantized_model(model: str | os.PathLike | nn.Module, gguf_file: str | None = None,
+                         device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
+                         skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> nn.Module:
+    """A causal LM (hub id, local folder, GGUF file, or a model object) with NF4 linears.
+
+    A model that is already bnb 4-bit is checked and kept as it is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    if isinstance(model, nn.Module):
+        m = model
+    else:
+        path = Path(model)
+        if path.is_file() and path.suffix == ".gguf":
+            path, gguf_file = path.parent, path.name
+        kwargs = {"dtype": compute_dtype, "low_cpu_mem_usage": True}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        m = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model), **kwargs)
+    existing = quantized_linears(m)
+    if existing:
+        for layer in existing.values():
+            check_nf4_storage(layer)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+    m = quantize_model(m, device, compute_dtype, skip_modules)
+    if gguf_file and hasattr(m, "config"):
+        m.config._name_or_path = f"{model}::{gguf_file}" if not str(model).endswith(".gguf") else str(model)
+    return m
