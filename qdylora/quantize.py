@@ -50,7 +50,27 @@ def quantize_linear(linear: nn.Linear, device: torch.device | str | None = None,
     if not getattr(q.weight, "bnb_quantized", False):
         q.weight = q.weight._quantize(device) if hasattr(q.weight, "_quantize") else q.weight
     q.weight.requires_grad_(False)
+    _keep_standard_layout(q)
     return q
+
+
+def packed_nf4(module: bnb.nn.Linear4bit):
+    """(packed uint8 weight, QuantState) in bitsandbytes' standard NF4 layout.
+
+    On CPUs with AVX512-BF16, bnb's own inference forward repacks the weight into a CPU-only
+    layout in place; undo that so our kernels and dequantization see the standard layout.
+    """
+    w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return w.data, w.quant_state
+
+
+def _keep_standard_layout(module: bnb.nn.Linear4bit) -> None:
+    """Stop bnb's CPU inference path from repacking the weight (it also computes in bf16 there)."""
+    module.support_avx512bf16_for_cpu = False
 
 
 def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -103,7 +123,9 @@ def check_nf4_storage(module: bnb.nn.Linear4bit) -> None:
 
 def base_fingerprint(model: nn.Module) -> dict:
     """Identity of a quantized base: its name, and a hash of every 4-bit linear's name and shape."""
-    items = sorted((n, tuple(m.weight.quant_state.shape)) for n, m in quantized_linears(model).items())
+    # peft wraps each adapted linear as `<name>.base_layer`; the identity is the base's own name
+    items = sorted((n.replace(".base_layer", ""), tuple(m.weight.quant_state.shape))
+                   for n, m in quantized_linears(model).items())
     digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     return {"name": str(name), "shapes_sha256": digest, "num_4bit_linears": len(items)}
@@ -134,6 +156,7 @@ def load_quantized_model(model: str | os.PathLike | nn.Module, gguf_file: str | 
     if existing:
         for layer in existing.values():
             check_nf4_storage(layer)
+            _keep_standard_layout(layer)
         for p in m.parameters():
             p.requires_grad_(False)
         return m

@@ -32,7 +32,8 @@ def row_ranks(ranks: int | torch.Tensor, rows: int, device: torch.device) -> tor
 def rank_masks(ranks: torch.Tensor, r_alloc: int, alpha: float, update: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(forward mask scaled by alpha/r, gradient mask scaled by alpha/r), both [rows, r_alloc] float32."""
     k = torch.arange(r_alloc, device=ranks.device)
-    scale = (alpha / ranks.to(torch.float32))[:, None]
+    # rank 0 means "base model only" (no adapter) for that row
+    scale = torch.where(ranks > 0, alpha / ranks.clamp(min=1).to(torch.float32), 0.0)[:, None]
     fwd = (k[None, :] < ranks[:, None]).to(torch.float32) * scale
     if update == "frozen":
         grad = (k[None, :] == (ranks[:, None] - 1)).to(torch.float32) * scale

@@ -1,0 +1,105 @@
+"""Attach DyLoRA adapters to a 4-bit model through peft, and switch their rank."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, ConfigError, QDyLoRAConfig
+from .layer import DyLoRALinear, is_4bit_linear
+from .quantize import DEFAULT_SKIP_MODULES
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if (is_4bit_linear(m) or type(m) is nn.Linear) and n.rpartition(".")[2] not in DEFAULT_SKIP_MODULES]
+
+
+def resolve_targets(model: nn.Module, targets: Iterable[str] | None) -> list[str]:
+    """Full names of the 4-bit linears matched by `targets` (suffix names); a clear error if any matches nothing."""
+    names = _linear_names(model)
+    explicit = targets is not None
+    wanted = list(targets) if explicit else list(DEFAULT_TARGET_MODULES)
+    if explicit and list(wanted) == ["all-linear"]:
+        wanted = sorted({n.rpartition(".")[2] for n in names})
+    matches = {t: [n for n in names if n == t or n.endswith("." + t)] for t in wanted}
+    available = sorted({n.rpartition(".")[2] for n in names})
+    missing = [t for t, m in matches.items() if not m]
+    if (explicit and missing) or not any(matches.values()):
+        raise ConfigError(
+            f"target module(s) {missing or wanted} match no linear layer of this model. "
+            f"Linears that exist: {', '.join(available) or 'none'}; pass some of these (or 'all-linear')."
+        )
+    chosen = sorted({n for m in matches.values() for n in m})
+    not_4bit = [n for n in chosen if not is_4bit_linear(model.get_submodule(n))]
+    if not_4bit:
+        raise ValueError(f"{len(not_4bit)} target linears (e.g. {not_4bit[0]}) are not 4-bit; "
+                         "load the model with qdylora.load_quantized_model first")
+    return chosen
+
+
+def attach_adapters(model: nn.Module, config: QDyLoRAConfig) -> PeftModel:
+    """Wrap every target NF4 linear in a DyLoRALinear; returns a peft PeftModel (Trainer-ready)."""
+    config.validate()
+    targets = resolve_targets(model, config.target_modules)
+    lora = LoraConfig(r=config.r_max, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    lora.qdylora = config  # read by DyLoRALinear.__init__; not serialised by peft (we save our own config)
+    lora._register_custom_module({nn.Module: DyLoRALinear})
+    peft_model = get_peft_model(model, lora)
+    peft_model.qdylora_config = config
+    return peft_model
+
+
+def dylora_layers(model: nn.Module) -> list[DyLoRALinear]:
+    """Every DyLoRA layer of the model, in module order."""
+    return [m for m in model.modules() if isinstance(m, DyLoRALinear)]
+
+
+def qdylora_config_of(model: nn.Module) -> QDyLoRAConfig:
+    """The QDyLoRAConfig the model's adapters were built with."""
+    layers = dylora_layers(model)
+    if not layers:
+        raise ValueError("this model has no qdylora adapters; call attach_adapters or load_adapter first")
+    return layers[0].qdylora_config
+
+
+def set_rank(model: nn.Module, rank: int | torch.Tensor) -> None:
+    """Use rank `rank` (int, or a tensor with one rank per batch element) in every DyLoRA layer."""
+    cfg = qdylora_config_of(model)
+    if isinstance(rank, torch.Tensor):
+        for r in rank.reshape(-1).unique().tolist():
+            cfg.check_rank(int(r))
+    else:
+        rank = cfg.check_rank(rank)
+    for layer in dylora_layers(model):
+        layer.set_rank(rank)
+
+
+def set_backend(model: nn.Module, backend: str | None) -> None:
+    """Force 'reference' or 'triton' (None: automatic) in every DyLoRA layer."""
+    for layer in dylora_layers(model):
+        layer.backend = backend
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path (as in the base model) -> (A [r_max, in], B [out, r_max]) stacked, detached."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DyLoRALinear):
+            adapter = m.active_adapters[0]
+            A = torch.stack([p.detach() for p in m.lora_dyA[adapter]])
+            B = torch.stack([p.detach() for p in m.lora_dyB[adapter]], dim=1)
+            out[_base_path(name)] = (A, B)
+    return out
+
+
+def _base_path(name: str) -> str:
+    """Strip peft's wrapper prefix so names are those of the base model."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
