@@ -128,7 +128,11 @@ def base_fingerprint(model: nn.Module) -> dict:
                    for n, m in quantized_linears(model).items())
     digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    return {"name": str(name), "shapes_sha256": digest, "num_4bit_linears": len(items)}
+    fp = {"name": str(name), "shapes_sha256": digest, "num_4bit_linears": len(items)}
+    source = getattr(model, "qdylora_source", None)
+    if source:
+        fp["source"] = str(source)  # what to pass as --model to load this base again
+    return fp
 
 
 def load_quantized_model(model: str | os.PathLike | nn.Module, gguf_file: str | None = None,
@@ -152,6 +156,13 @@ def load_quantized_model(model: str | os.PathLike | nn.Module, gguf_file: str | 
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         m = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model), **kwargs)
+    if gguf_file:
+        # transformers dequantized the GGUF tensors on load; drop its GGUF marker so the model is
+        # seen as what it now is (full precision, about to become NF4), which Trainer accepts
+        m.hf_quantizer = None
+        m.is_quantized = False
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
     existing = quantized_linears(m)
     if existing:
         for layer in existing.values():
@@ -162,5 +173,5 @@ def load_quantized_model(model: str | os.PathLike | nn.Module, gguf_file: str | 
         return m
     m = quantize_model(m, device, compute_dtype, skip_modules)
     if gguf_file and hasattr(m, "config"):
-        m.config._name_or_path = f"{model}::{gguf_file}" if not str(model).endswith(".gguf") else str(model)
+        m.config._name_or_path = str(gguf_file)  # the GGUF file names the model; its folder is incidental
     return m
