@@ -1,0 +1,162 @@
+"""bitsandbytes' NF4 storage as the kernels read it, and the in-kernel decoder.
+
+The layout is bitsandbytes' own, read as it is (no conversion, no second copy):
+- `weight`: uint8 [N*K/2, 1], the row-major [N, K] weight flattened, two 4-bit codes per
+  byte, element 2i in the HIGH nibble and element 2i+1 in the low one;
+- one absmax per block of 64 consecutive elements of that flattened weight. With nested
+  ("double") quantization it is stored as uint8 and decoded as
+  `state2.code[absmax_u8[j]] * state2.absmax[j // state2.blocksize] + offset`;
+  without it, it is fp32;
+- value = `quant_state.code[nibble] * absmax[block]`, computed in fp32 (as
+  `bitsandbytes.functional.dequantize_4bit` does) and rounded once to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+QBLOCK = 64  # the only bitsandbytes blocksize the kernels read; others fall back to the reference
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """The tensors of one NF4 weight, as the kernels take them (all on the weight's device)."""
+
+    packed: torch.Tensor  # uint8 [N*K/2]
+    absmax: torch.Tensor  # uint8 [N*K/64] when nested, else fp32
+    code: torch.Tensor  # fp32 [16], the NF4 values
+    code2: torch.Tensor  # fp32 [256], state2.code (a 1-element dummy when not nested)
+    absmax2: torch.Tensor  # fp32, state2.absmax (dummy when not nested)
+    offset: torch.Tensor  # fp32 [1] (0 when not nested)
+    blocksize2: int  # state2.blocksize (1 when not nested)
+    nested: bool
+    N: int
+    K: int
+
+
+def unsupported_reason(x, weight, quant_state, bias, lora_A, lora_B, x_lora, interpret: bool) -> str | None:
+    """Why the kernels cannot run this call (the caller then falls back to the reference), or None."""
+    if not (x.is_cuda or interpret):
+        return f"x is on {x.device}, the kernels need CUDA"
+    if x.dim() != 2:
+        return f"x must be 2-D [rows, in], got shape {tuple(x.shape)}"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x dtype {x.dtype} is not fp16/bf16/fp32"
+    qs = quant_state
+    if getattr(qs, "quant_type", None) != "nf4":
+        return f"quant_type {getattr(qs, 'quant_type', None)!r} is not 'nf4'"
+    if qs.blocksize != QBLOCK:
+        return f"blocksize {qs.blocksize} is not {QBLOCK}"
+    if qs.shape is None or len(qs.shape) != 2:
+        return f"quant_state.shape {qs.shape} is not [out, in]"
+    N, K = int(qs.shape[0]), int(qs.shape[1])
+    if K % QBLOCK != 0:
+        return f"in_features {K} is not a multiple of {QBLOCK}"
+    if weight.dtype != torch.uint8 or weight.numel() * 2 != N * K or (weight.dim() == 2 and weight.shape[0] == 1):
+        return f"weight {tuple(weight.shape)} {weight.dtype} is not bitsandbytes' packed [N*K/2, 1] uint8 layout"
+    if N * K // 2 > INT32_MAX or x.numel() > INT32_MAX:
+        return "tensors too large for 32-bit offsets"
+    if x.shape[1] != K:
+        return f"x has {x.shape[1]} features, the weight {K}"
+    if lora_A.dim() != 2 or lora_A.shape[1] != K or lora_B.dim() != 2 or lora_B.shape != (N, lora_A.shape[0]):
+        return f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not match [R, {K}] / [{N}, R]"
+    if bias is not None and bias.numel() != N:
+        return f"bias has {bias.numel()} elements, expected {N}"
+    if x_lora is not None and x_lora.shape != x.shape:
+        return f"x_lora {tuple(x_lora.shape)} does not match x {tuple(x.shape)}"
+    if qs.nested and qs.state2.absmax.dtype != torch.float32:
+        return "state2.absmax is not fp32"
+    for t in (weight, qs.absmax, lora_A, lora_B):
+        if t.device != x.device:
+            return f"tensors on different devices ({t.device} vs {x.device})"
+    return None
+
+
+def nf4_weight(weight: torch.Tensor, quant_state) -> NF4Weight:
+    """Views of a bitsandbytes NF4 weight and its QuantState, ready to hand to the kernels."""
+    qs = quant_state
+    dev = weight.device
+    N, K = int(qs.shape[0]), int(qs.shape[1])
+    code = qs.code.to(device=dev, dtype=torch.float32).contiguous()
+    if qs.nested:
+        absmax = qs.absmax.contiguous()
+        code2 = qs.state2.code.to(device=dev, dtype=torch.float32).contiguous()
+        absmax2 = qs.state2.absmax.to(device=dev, dtype=torch.float32).contiguous()
+        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=dev).reshape(1)
+        blocksize2 = int(qs.state2.blocksize)
+    else:
+        absmax = qs.absmax.to(torch.float32).contiguous()
+        code2 = absmax2 = offset = torch.zeros(1, dtype=torch.float32, device=dev)
+        blocksize2 = 1
+    return NF4Weight(weight.reshape(-1), absmax, code, code2, absmax2, offset, blocksize2, qs.nested, N, K)
+
+
+@triton.jit
+def nf4_tile(
+    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset,
+    rows, k0, N, K, blocksize2,
+    BR: tl.constexpr, BK: tl.constexpr, NESTED: tl.constexpr,
+):
+    """W[rows, k0:k0+BK] decoded to fp32, shape [BR, BK]; k0 and BK multiples of 64.
+
+    Rows >= N (and columns >= K) come out finite but not zero: the caller masks the other
+    operand of the dot to zero there, which costs less than a select per weight.
+    """
+    G: tl.constexpr = BK // 64
+    jb = tl.arange(0, BK // 2)  # byte index within one row of the tile
+    rmask = rows < N
+    # one byte holds elements 2j (high nibble) and 2j+1 (low nibble)
+    packed = tl.load(
+        packed_ptr + rows[:, None] * (K // 2) + (k0 // 2 + jb)[None, :],
+        mask=rmask[:, None] & ((k0 + 2 * jb) < K)[None, :],
+        other=0,
+    )
+    # the 16 NF4 values sit in one 64-byte line: the gather is a single L1 wavefront per warp
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+    lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+    vals = tl.reshape(tl.join(hi, lo), (BR, BK))  # interleave back to element order
+
+    # one absmax per row and 64-column group of the tile
+    blk = rows[:, None] * (K // 64) + (k0 // 64 + tl.arange(0, G))[None, :]  # [BR, G]
+    bmask = rmask[:, None] & ((k0 + 64 * tl.arange(0, G)) < K)[None, :]
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
+        am = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // blocksize2, mask=bmask, other=0.0) + offset
+    else:
+        am = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+    if G == 1:
+        w = vals * am
+    else:
+        w = vals * tl.reshape(tl.broadcast_to(am[:, :, None], (BR, G, 64)), (BR, BK))
+    return w
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocksize2, N, K,
+    BR: tl.constexpr, BK: tl.constexpr, NESTED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, tl.load(offset_ptr),
+                 rows, k0, N, K, blocksize2, BR, BK, NESTED)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cols < K)[None, :])
+
+
+def decode_nf4(weight: torch.Tensor, quant_state, dtype: torch.dtype = torch.float32, block_k: int = 128) -> torch.Tensor:
+    """The whole weight decoded by `nf4_tile`, [N, K] in `dtype`: a check of the decoder against
+    bitsandbytes.functional.dequantize_4bit, for tests and debugging only (the matmul kernels
+    never build this tensor)."""
+    w = nf4_weight(weight, quant_state)
+    out = torch.empty((w.N, w.K), dtype=dtype, device=weight.device)
+    grid = (triton.cdiv(w.N, 16), triton.cdiv(w.K, block_k))
+    _decode_kernel[grid](out, w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize2, w.N, w.K,
+                         BR=16, BK=block_k, NESTED=w.nested)
+    return out

@@ -1,0 +1,294 @@
+"""The fused Triton kernels against the PyTorch reference (qdylora.reference).
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) on tiny shapes,
+in fp32 and fp16 (bf16 is broken in the interpreter). With CUDA the same tests run compiled on
+the GPU, plus the bf16 tests at real sizes marked `gpu`.
+
+TRITON_INTERPRET is read when triton.jit decorates a kernel (when qdylora_kernels is
+imported) and again by the interpreter while it runs: it is set around that import and, by a
+module fixture, while this file's tests run, and restored otherwise, so the other test files
+(which never import qdylora_kernels on CPU) see the environment unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def _import_kernels():
+    if CUDA:
+        import qdylora_kernels
+
+        return qdylora_kernels
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        # a copy imported earlier without the interpreter has compiled-mode kernels: start afresh
+        for name in [m for m in sys.modules if m == "qdylora_kernels" or m.startswith("qdylora_kernels.")]:
+            del sys.modules[name]
+        import qdylora_kernels
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return qdylora_kernels
+
+
+qk = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    if CUDA:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+import bitsandbytes.functional as bnbF  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qdylora.reference import ReferenceQDyLoRALinear  # noqa: E402
+from qdylora_kernels.common import SMALL_M  # noqa: E402
+from qdylora_kernels.nf4 import decode_nf4  # noqa: E402
+
+# rows for each path: the split-K (decode) kernels take M <= SMALL_M, the tiled GEMMs the rest
+SPLIT_M, GEMM_M = 5, SMALL_M + 3
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+NAMES = ("y", "dx", "dA", "dB", "dbias", "dx_lora")
+
+
+def quantize(N, K, dtype, seed=0, nested=True):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(device=DEVICE, dtype=dtype)
+    return bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+
+
+def make_case(M, N, K, R, ranks, dtype=torch.float32, bias=True, x_lora=False, nested=True, seed=0, ab_dtype=None):
+    """Inputs of one call; ranks: an int (every row) or a list with one rank per row."""
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dt)
+
+    packed, qs = quantize(N, K, dtype, seed, nested)
+    r = torch.full((M,), ranks) if isinstance(ranks, int) else torch.as_tensor(ranks)
+    return dict(
+        x=rnd(M, K), weight=packed, quant_state=qs, bias=rnd(N) if bias else None,
+        lora_A=rnd(R, K, scale=0.1, dt=ab_dtype or dtype), lora_B=rnd(N, R, scale=0.1, dt=ab_dtype or dtype),
+        ranks=r.to(device=DEVICE, dtype=torch.long), alpha=16.0, x_lora=rnd(M, K) if x_lora else None,
+    )
+
+
+def run(fn, case, update, grads=("x", "lora_A", "lora_B", "bias", "x_lora")):
+    """(y, dx, dA, dB, dbias, dx_lora) of fn on fresh leaves; None where not asked for."""
+    leaves = {}
+    for k in ("x", "bias", "lora_A", "lora_B", "x_lora"):
+        t = case[k]
+        leaves[k] = None if t is None else t.detach().clone().requires_grad_(k in grads)
+    y = fn(leaves["x"], case["weight"], case["quant_state"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+           case["ranks"], case["alpha"], update, leaves["x_lora"])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(device=y.device, dtype=y.dtype)
+    y.backward(dy)
+    return (y,) + tuple(None if leaves[k] is None else leaves[k].grad for k in ("x", "lora_A", "lora_B", "bias", "x_lora"))
+
+
+def rel_err(ref, got):
+    ref, got = ref.float(), got.float()
+    return ((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+def check(case, update="nested", tol=None, **kw):
+    ref = run(ReferenceQDyLoRALinear.apply, case, update, **kw)
+    got = run(qk.triton_qdylora_linear, case, update, **kw)
+    tol = tol or TOL[case["x"].dtype]
+    for name, r, t in zip(NAMES, ref, got):
+        assert (r is None) == (t is None), f"{name}: reference gives {r is not None}, kernels {t is not None}"
+        if r is not None:
+            assert t.dtype == r.dtype and t.shape == r.shape, f"{name}: {t.dtype}{tuple(t.shape)} vs {r.dtype}{tuple(r.shape)}"
+            assert torch.isfinite(t).all(), f"{name} has non-finite values"
+            err = rel_err(r, t)
+            assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("N,K,block_k", [(48, 128, 64), (33, 192, 128)])
+def test_decoder_matches_bitsandbytes(N, K, block_k, nested):
+    packed, qs = quantize(N, K, torch.float32, seed=3, nested=nested)
+    want = bnbF.dequantize_4bit(packed, qs).float()
+    got = decode_nf4(packed, qs, torch.float32, block_k=block_k)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op against the reference: forward, dx, dA, dB, dbias
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+@pytest.mark.parametrize("rank", [1, 15, 16, 17, 63, 64])
+def test_ranks(M, rank):
+    check(make_case(M, 48, 128, 64, rank))
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+@pytest.mark.parametrize("update", ["frozen", "nested"])
+def test_mixed_row_ranks(M, update):
+    ranks = [(7 * i) % 64 + 1 for i in range(M)]  # 1..64, all different neighbours
+    check(make_case(M, 48, 128, 64, ranks), update)
+
+
+@pytest.mark.parametrize("M,N", [(1, 47), (33, 80), (67, 47), (129, 80)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_odd_shapes(M, N, bias):
+    ranks = [(5 * i) % 17 + 1 for i in range(M)]
+    check(make_case(M, N, 192, 17, ranks, bias=bias), "frozen")
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+@pytest.mark.parametrize("update", ["frozen", "nested"])
+def test_x_lora(M, update):
+    ranks = [(3 * i) % 64 + 1 for i in range(M)]
+    check(make_case(M, 48, 128, 64, ranks, x_lora=True), update)
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+def test_fp16(M):
+    ranks = [(11 * i) % 64 + 1 for i in range(M)]
+    check(make_case(M, 80, 128, 64, ranks, dtype=torch.float16, x_lora=True))
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+def test_lora_in_fp32_with_fp16_x(M):
+    # the adapter may be kept in fp32 while x is 16-bit: computed in x's dtype, grads in fp32
+    check(make_case(M, 48, 128, 64, 40, dtype=torch.float16, ab_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+def test_rank_above_one_tile(M):
+    # R = 80 > 64: the rank tile loops twice; rows with rank 70 cross into the second tile
+    ranks = [70 if i % 2 else 9 for i in range(M)]
+    check(make_case(M, 48, 128, 80, ranks))
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+def test_plain_absmax(M):
+    check(make_case(M, 48, 128, 16, 16, nested=False))
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+@pytest.mark.parametrize("grads", [("lora_A", "lora_B"), ("x",), ("x_lora", "lora_B")], ids=lambda g: "+".join(g))
+def test_partial_grads(M, grads):
+    check(make_case(M, 48, 128, 64, 33, x_lora=True), "frozen", grads=grads)
+
+
+def test_no_grad_forward():
+    case = make_case(SPLIT_M, 48, 128, 64, 20)
+    with torch.no_grad():
+        args = [case[k] for k in ("x", "weight", "quant_state", "bias", "lora_A", "lora_B", "ranks", "alpha")]
+        want = ReferenceQDyLoRALinear.apply(*args, "nested", None)
+        got = qk.triton_qdylora_linear(*args, "nested", None)
+    assert rel_err(want, got) <= TOL[torch.float32]
+
+
+# few examples, fixed seed and no shrinking: every example is a few interpreter runs
+@settings(max_examples=6, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck), database=None)
+@given(
+    M=st.integers(1, 80),
+    N=st.integers(16, 96),
+    K=st.sampled_from([64, 128, 192]),
+    R=st.integers(1, 64),
+    update=st.sampled_from(["frozen", "nested"]),
+    data=st.data(),
+)
+def test_property_shapes_and_ranks(M, N, K, R, update, data):
+    ranks = data.draw(st.lists(st.integers(1, R), min_size=M, max_size=M))
+    check(make_case(M, N, K, R, ranks, bias=data.draw(st.booleans()), seed=M * 1000 + N), update)
+
+
+# ---------------------------------------------------------------------------------------------
+# fallback and dispatch
+
+
+def test_in_features_not_multiple_of_64_falls_back():
+    case = make_case(3, 16, 96, 8, 4)
+    with pytest.warns(UserWarning, match="not a multiple of 64"):
+        got = run(qk.triton_qdylora_linear, case, "nested")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = run(ReferenceQDyLoRALinear.apply, case, "nested")
+    for r, t in zip(want, got):
+        if r is not None:
+            torch.testing.assert_close(t, r)
+
+
+def test_bad_update_is_rejected():
+    case = make_case(3, 48, 64, 8, 4)
+    with pytest.raises(ValueError, match="update"):
+        run(qk.triton_qdylora_linear, case, "sometimes")
+
+
+def test_ops_dispatch_to_triton(monkeypatch):
+    """qdylora.ops with backend='triton' runs these kernels on a 3-D input with one rank per batch."""
+    from qdylora import ops
+
+    monkeypatch.setattr(ops, "_triton_impl", lambda: qk.triton_qdylora_linear)
+    case = make_case(6, 48, 128, 32, 1)
+    x3 = case["x"].reshape(2, 3, 128)
+    args = (case["weight"], case["quant_state"], case["bias"], case["lora_A"], case["lora_B"], torch.tensor([5, 32]), 8.0)
+    got = ops.qdylora_linear(x3, *args, backend="triton")
+    want = ops.qdylora_linear(x3, *args, backend="reference")
+    assert got.shape == (2, 3, 48)
+    assert rel_err(want, got) <= TOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 at real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", [1, 16, 64, 65, 4096])
+@pytest.mark.parametrize("update", ["frozen", "nested"])
+def test_gpu_bf16_4096(M, update):
+    ranks = [(13 * i) % 64 + 1 for i in range(M)]
+    check(make_case(M, 4096, 4096, 64, ranks, dtype=torch.bfloat16, x_lora=(M % 2 == 1)), update)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", [1, 4096])
+def test_gpu_no_dense_weight_buffer(M):
+    """Neither forward nor backward allocates anything near the [N, K] bf16 weight (32 MiB here)."""
+    N = K = 4096
+    case = make_case(M, N, K, 64, 64, dtype=torch.bfloat16)
+    run(qk.triton_qdylora_linear, case, "nested")  # compile and warm the allocator
+    torch.cuda.synchronize()
+    leaves = {k: case[k].detach().clone().requires_grad_() for k in ("x", "lora_A", "lora_B")}
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y = qk.triton_qdylora_linear(leaves["x"], case["weight"], case["quant_state"], case["bias"], leaves["lora_A"],
+                                 leaves["lora_B"], case["ranks"], 16.0, "nested", None)
+    y.backward(torch.ones_like(y))
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - base
+    # y, dy and dx in bf16, fp32 split-K workspaces, the adapter's grads, slack for the small
+    # [M, R] tensors; a dense bf16 weight would add N*K*2 = 32 MiB on top
+    workspace = M * (max(N, K) + 64) * 4 if M <= SMALL_M else 0
+    budget = M * (2 * N + K) * 2 + workspace + 64 * (N + K) * 4 + (6 << 20)
+    assert transient < budget, f"{transient / 2**20:.1f} MiB transient > {budget / 2**20:.1f} MiB"
