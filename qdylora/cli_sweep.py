@@ -1,0 +1,73 @@
+"""`qdylora sweep`: evaluate one adapter at many ranks; registered into the main CLI by qdylora.cli."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .sweep import TASKS
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `sweep` sub-command to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "sweep", help="evaluate an adapter at many ranks (table, json, csv, plot)",
+        description="Evaluate one QDyLoRA adapter at each rank (and the base model without adapter as a "
+                    "reference), print a table and write sweep_<task>.json, .csv and .png.",
+    )
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter folder written by `qdylora train` (or its run folder)")
+    p.add_argument("--ranks", default=None,
+                   help="ranks to evaluate, comma-separated or ranges, e.g. 1,2,4,8 or 1-64 "
+                        "(default: r_min, the powers of two in between and r_max: 1,2,4,...,64 for r 1..64)")
+    p.add_argument("--task", default="default", choices=TASKS,
+                   help="mmlu: multiple choice accuracy; loss: mean response-token loss / perplexity on a held-out "
+                        "file; default: exact match on the embedded task (default %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="mmlu: QLoRA JSONL, cais/mmlu json/jsonl/parquet file or folder, or a hub name; loss: a "
+                        "held-out alpaca/text/chat file; default: optional records file (else the embedded held-out set)")
+    p.add_argument("--shots", type=int, default=0, help="mmlu: in-context examples from the same subject (default 0)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate at most N items (mmlu: taken round-robin over subjects)")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default %(default)s)")
+    p.add_argument("--batched-ranks", action="store_true",
+                   help="evaluate all ranks in one forward pass with per-row ranks (same numbers, fewer passes)")
+    p.add_argument("--model", default=None,
+                   help="base model (hub id, folder or .gguf); default: the one recorded in the adapter")
+    p.add_argument("--output", default=None, help="folder for sweep_<task>.* (default: ADAPTER_DIR)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="loss: cut examples to this many tokens")
+    p.add_argument("--padding-side", choices=("left", "right"), default=None,
+                   help="pad batches on this side (default: the tokenizer's); results are the same either way")
+    p.add_argument("--no-base", action="store_true", help="skip the base-model reference row")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing k-shot examples (default 0)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a sweep from parsed arguments; prints the table and where the files went."""
+    from .sweep import parse_ranks, sweep
+
+    ranks = parse_ranks(args.ranks) if args.ranks is not None else None
+    result = sweep(args.adapter_dir, ranks, task=args.task, data=args.data, shots=args.shots,
+                   limit=args.limit, batch_size=args.batch_size, batched_ranks=args.batched_ranks, model=args.model,
+                   output=args.output, include_base=not args.no_base, max_seq_len=args.max_seq_len,
+                   seed=args.seed, padding_side=args.padding_side)
+    print(result.table())
+    print(f"total {result.total_seconds:.1f} s; wrote " + ", ".join(result.settings.get("files", [])))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m qdylora.cli_sweep ...`); errors print one line, exit code 2."""
+    parser = argparse.ArgumentParser(prog="qdylora")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qdylora sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Evaluation plumbing shared by the tasks: ranks (0 = base model only), per-row rank batching, padding."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..data import DataError
+from ..model import dylora_layers, qdylora_config_of
+
+BASE_RANK = 0  # rank 0 runs the base model without adapter (the sweep's reference line)
+
+
+class EvalDataError(DataError):
+    """Evaluation data is missing or malformed; the message names the file, the line and the field."""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless stub)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def check_ranks(model: nn.Module, ranks: Sequence[int] | None) -> list[int] | None:
+    """Validate ranks against the model's adapters (0 = base is always allowed); None = evaluate as is."""
+    if ranks is None:
+        return None
+    ranks = [int(r) for r in ranks]
+    if not ranks:
+        raise ConfigError("no ranks to evaluate; give at least one, e.g. --ranks 1,8,64")
+    if len(set(ranks)) != len(ranks):
+        raise ConfigError(f"ranks {ranks} contain duplicates; give each rank once")
+    if any(r != BASE_RANK for r in ranks):
+        cfg = qdylora_config_of(model)
+        for r in ranks:
+            if r != BASE_RANK:
+                cfg.check_rank(r)
+    return ranks
+
+
+def apply_rank(model: nn.Module, rank: int | torch.Tensor) -> None:
+    """Like model.set_rank, but rank 0 (base only, per row or for all) is allowed too."""
+    # set_rank() validates through check_rank, which (rightly, for users) refuses 0; the sweep
+    # needs rank-0 rows for the base-model reference inside one batched pass, so set layers directly.
+    layers = dylora_layers(model)
+    if not layers:
+        if isinstance(rank, torch.Tensor) or rank != BASE_RANK:
+            raise ValueError("this model has no qdylora adapters, so it has no ranks to switch")
+        return
+    for layer in layers:
+        layer.set_rank(rank)
+
+
+@contextlib.contextmanager
+def ranks_restored(model: nn.Module) -> Iterator[None]:
+    """Put back each layer's rank (and the train/eval mode) after an evaluation."""
+    layers = dylora_layers(model)
+    saved = [layer.rank for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for layer, r in zip(layers, saved):
+            layer.set_rank(r)
+        model.train(was_training)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token lists padded to the longest, on the `side` given."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side {side!r}; use 'left' or 'right'")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row sees the same positions as a right-padded one."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, -1).max(dim=1).values
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether the underlying model's forward takes keyword `name` (e.g. logits_to_keep)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return name in params
+
+
+def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                   keep: int | None = None) -> torch.Tensor:
+    """Logits [rows, positions, vocab]; with `keep`, only the last `keep` positions (cheaper LM head)."""
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False}
+    if keep is not None and accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    else:
+        keep = None
+    logits = model(**kwargs).logits
+    if keep is None and logits.shape[1] != ids.shape[1]:
+        raise RuntimeError(f"model returned logits for {logits.shape[1]} positions, expected {ids.shape[1]}")
+    return logits
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first: memory trouble shows at once)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size {batch_size} must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def run_ranks(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ranks: list[int] | None,
+              batched: bool, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              seconds: dict) -> dict:
+    """fn(ids, mask) -> per-row results, once per rank; batched: all ranks in one pass with per-row ranks.
+
+    Returns {rank: rows}; `seconds[rank]` accumulates wall time (a batched pass is shared evenly).
+    ranks=None evaluates the model as it is (key None), e.g. a plain peft LoRA model.
+    """
+    if ranks is None:
+        t = time.perf_counter()
+        out = {None: fn(ids, mask)}
+        seconds[None] = seconds.get(None, 0.0) + time.perf_counter() - t
+        return out
+    if batched and len(ranks) > 1:
+        n = ids.shape[0]
+        t = time.perf_counter()
+        # one rank per batch element: copy i of the batch runs at ranks[i]
+        apply_rank(model, torch.tensor(ranks, device=ids.device).repeat_interleave(n))
+        rows = fn(ids.repeat(len(ranks), 1), mask.repeat(len(ranks), 1))
+        dt = (time.perf_counter() - t) / len(ranks)
+        for r in ranks:
+            seconds[r] = seconds.get(r, 0.0) + dt
+        return {r: rows[i * n:(i + 1) * n] for i, r in enumerate(ranks)}
+    out = {}
+    for r in ranks:
+        t = time.perf_counter()
+        apply_rank(model, r)
+        out[r] = fn(ids, mask)
+        seconds[r] = seconds.get(r, 0.0) + time.perf_counter() - t
+    return out

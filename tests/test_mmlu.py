@@ -1,0 +1,328 @@
+"""MMLU evaluator: data formats, prompts, letter scoring against hand-computed numbers, padding, batched ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from qdylora.eval.common import EvalDataError  # noqa: E402
+from qdylora.eval.mmlu import (answer_token_ids, build_prompt, header, load_mmlu, pick_shots,  # noqa: E402
+                               score_questions, subset)
+
+SHARED_MMLU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmlu" / "zero_shot_mmlu_val.jsonl"
+
+QLORA_ROWS = [
+    {"subject": "algebra", "input": header("algebra") + "What is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:", "output": "A"},
+    {"subject": "algebra", "input": header("algebra") + "What is 2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:", "output": "C"},
+    {"subject": "biology", "input": header("biology") + "Cells have a?\nA. wheel\nB. membrane\nC. engine\nD. roof\nAnswer:",
+     "output": "B"},
+]
+HF_ROWS = [
+    {"question": "What is 1+1?", "choices": ["2", "3", "4", "5"], "answer": 0, "subject": "elementary_mathematics"},
+    {"question": "What is 2+2?", "choices": ["2", "3", "4", "5"], "answer": 2, "subject": "elementary_mathematics"},
+    {"question": "Cells have a?", "choices": ["wheel", "membrane", "engine", "roof"], "answer": 1, "subject": "biology"},
+]
+
+
+# ------------------------------------------------------------------ helpers shared with test_sweep.py
+
+WORDS = ("The following are multiple choice questions with answers about algebra biology elementary mathematics "
+         "What is 1 2 3 4 5 Cells have a wheel membrane engine roof A B C D E Answer Below an instruction that "
+         "describes task Write response appropriately completes the request Instruction Response Input paired "
+         "provides further context Name colour of sky blue green sun yellow red grass").split()
+
+
+def tiny_tokenizer(padding_side: str = "right"):
+    """A word-level tokenizer (no network): words, punctuation and digits are one token each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "</s>"]
+    punct = list(".:?+,()#'\n!-")
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + punct))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+    fast.padding_side = padding_side
+    return fast
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    """A 2-layer Llama (hidden 64) with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=0, bos_token_id=None, eos_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomize_adapters(peft_model, seed: int = 0, scale: float = 0.3) -> None:
+    """B starts at zero (every rank = base); give it values so ranks differ."""
+    from qdylora.model import dylora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in dylora_layers(peft_model):
+            for p in layer.lora_dyB[layer.active_adapters[0]]:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def tiny_qdylora(r_max: int = 8, seed: int = 0):
+    """(NF4 tiny Llama with random QDyLoRA adapters r 1..r_max, tokenizer)."""
+    from qdylora.config import QDyLoRAConfig
+    from qdylora.model import attach_adapters
+    from qdylora.quantize import load_quantized_model
+
+    tok = tiny_tokenizer()
+    base = load_quantized_model(tiny_llama(len(tok), seed), device="cpu")
+    pm = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=r_max, alpha=16.0))
+    randomize_adapters(pm, seed)
+    return pm.eval(), tok
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------ stub model with known letter logits
+
+class StubLM(nn.Module):
+    """Causal stub: at each real token, the logits are table[ids of the prefix so far] (zeros elsewhere)."""
+
+    def __init__(self, vocab_size: int, table: dict[tuple[int, ...], dict[int, float]], keep_arg: bool = True):
+        super().__init__()
+        self.vocab_size, self.table, self.calls = vocab_size, table, []
+        if not keep_arg:
+            self.forward = self._forward_plain  # a model without logits_to_keep
+
+    def _logits(self, input_ids, attention_mask):
+        B, L = input_ids.shape
+        logits = torch.zeros(B, L, self.vocab_size)
+        for b in range(B):
+            real = attention_mask[b].nonzero()[:, 0].tolist()
+            ids = input_ids[b, real].tolist()
+            for j, t in enumerate(real):
+                for tok, val in self.table.get(tuple(ids[:j + 1]), {}).items():
+                    logits[b, t, tok] = val
+        return logits
+
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0, **kwargs):
+        self.calls.append(input_ids.shape)
+        logits = self._logits(input_ids, attention_mask)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits)
+
+    def _forward_plain(self, input_ids, attention_mask, position_ids=None, **kwargs):
+        return SimpleNamespace(logits=self._logits(input_ids, attention_mask))
+
+
+def stub_for(questions, tok, letter_logits: list[dict[str, float]]):
+    letter_ids, _ = answer_token_ids(tok, build_prompt(questions[0]))
+    table = {}
+    for q, ll in zip(questions, letter_logits):
+        key = tuple(tok(build_prompt(q))["input_ids"])
+        table[key] = {letter_ids["ABCD".index(k)]: v for k, v in ll.items()}
+    return StubLM(len(tok), table)
+
+
+# ------------------------------------------------------------------ tests
+
+def test_header_matches_qlora_file_format():
+    # QLoRA's (and the original MMLU code's) header has two spaces after "about"
+    assert header("abstract_algebra") == ("The following are multiple choice questions (with answers) about  "
+                                          "abstract algebra.\n\n")
+
+
+def test_qlora_jsonl_and_hf_layouts_give_the_same_prompts(tmp_path):
+    q_qlora = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS))
+    hf = [dict(r, subject=q["subject"]) for r, q in zip(HF_ROWS, QLORA_ROWS)]
+    q_hf = load_mmlu(write_jsonl(tmp_path / "h.jsonl", hf))
+    assert [q.answer for q in q_qlora] == [0, 2, 1] == [q.answer for q in q_hf]
+    assert [build_prompt(q) for q in q_qlora] == [build_prompt(q) for q in q_hf] == [r["input"] for r in QLORA_ROWS]
+
+
+def test_json_array_jsonl_named_json_and_parquet(tmp_path):
+    (tmp_path / "arr.json").write_text(json.dumps(HF_ROWS))
+    assert [q.answer for q in load_mmlu(tmp_path / "arr.json")] == [0, 2, 1]
+    # QLoRA ships JSON Lines under a .json name
+    assert len(load_mmlu(write_jsonl(tmp_path / "zero_shot_mmlu_val.json", QLORA_ROWS))) == 3
+    import pandas as pd
+
+    folder = tmp_path / "cais_mmlu" / "all"
+    folder.mkdir(parents=True)
+    pd.DataFrame(HF_ROWS).to_parquet(folder / "validation-00000-of-00001.parquet")
+    pd.DataFrame(HF_ROWS[:1]).to_parquet(folder / "test-00000-of-00001.parquet")
+    qs = load_mmlu(tmp_path / "cais_mmlu", split="validation")
+    assert [(q.subject, q.answer, q.choices) for q in qs] == [(r["subject"], r["answer"], r["choices"]) for r in HF_ROWS]
+
+
+def test_k_shot_prompts_hand_written(tmp_path):
+    qs = load_mmlu(write_jsonl(tmp_path / "h.jsonl", HF_ROWS))
+    shots = pick_shots(qs, 1, seed=0)
+    assert shots[0] == [qs[1]] and shots[1] == [qs[0]]  # the only other question of the subject
+    assert shots[2] == []  # biology has no other question: fewer shots, not another subject's
+    expected = ("The following are multiple choice questions (with answers) about  elementary mathematics.\n\n"
+                "What is 2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: C\n\n"
+                "What is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:")
+    assert build_prompt(qs[0], shots[0]) == expected
+    # QLoRA rows: shots are other rows' inputs (without their header) + the answer letter
+    ql = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS))
+    assert build_prompt(ql[1], [ql[0]]) == (header("algebra") + "What is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: A\n\n"
+                                            "What is 2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:")
+
+
+def test_shots_are_seeded_and_from_the_same_subject():
+    from qdylora.eval.mmlu import MMLUQuestion
+
+    qs = [MMLUQuestion(subject=s, answer=i % 4, question=f"q{i}", choices=list("wxyz"))
+          for i, s in enumerate(["a"] * 10 + ["b"] * 10)]
+    s1, s2, s3 = pick_shots(qs, 3, seed=1), pick_shots(qs, 3, seed=1), pick_shots(qs, 3, seed=2)
+    assert s1 == s2 and s1 != s3
+    for q, shots in zip(qs, s1):
+        assert len(shots) == 3 and q not in shots and all(s.subject == q.subject for s in shots)
+
+
+def test_subset_is_round_robin_over_subjects():
+    from qdylora.eval.mmlu import MMLUQuestion
+
+    qs = [MMLUQuestion(subject=s, answer=0, prompt=f"p{i}") for i, s in enumerate("aaabbc")]
+    assert [q.prompt for q in subset(qs, 4)] == ["p0", "p1", "p3", "p5"]
+
+
+def test_scoring_against_hand_computed_example(tmp_path):
+    tok = tiny_tokenizer()
+    qs = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS))
+    # answers A, C, B; the stub prefers A (right), D (wrong), B (right)
+    logits = [{"A": 2.0, "B": 1.0}, {"D": 3.0, "C": 0.5}, {"B": 1.5}]
+    stub = stub_for(qs, tok, logits)
+    res = score_questions(stub, tok, qs, progress=False)[None]
+    assert res.predictions == [0, 3, 1]
+    assert res.accuracy_micro == pytest.approx(2 / 3)
+    assert res.accuracy_macro == pytest.approx((1 / 2 + 1) / 2)  # algebra 1/2, biology 1/1
+    assert res.per_subject == {"algebra": {"accuracy": 0.5, "n": 2}, "biology": {"accuracy": 1.0, "n": 1}}
+    V = len(tok)
+    # full-vocabulary cross-entropy of the right letter; every other logit is 0
+    losses = [math.log(V - 2 + math.exp(2) + math.exp(1)) - 2.0,
+              math.log(V - 2 + math.exp(3) + math.exp(0.5)) - 0.5,
+              math.log(V - 1 + math.exp(1.5)) - 1.5]
+    assert res.loss == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert res.letter_logits[0] == [2.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("keep_arg", [True, False])
+def test_stub_scores_do_not_depend_on_padding_or_batching(tmp_path, side, keep_arg):
+    tok = tiny_tokenizer(side)
+    qs = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS))
+    stub = stub_for(qs, tok, [{"A": 2.0}, {"D": 3.0}, {"B": 1.5}])
+    if not keep_arg:
+        stub.forward = stub._forward_plain
+    one = score_questions(stub, tok, qs, batch_size=1, progress=False)[None]
+    many = score_questions(stub, tok, qs, batch_size=3, progress=False)[None]
+    assert one.predictions == many.predictions == [0, 3, 1]
+    assert one.loss == pytest.approx(many.loss)
+
+
+def test_letter_tokens_prefer_space_letter():
+    tok = tiny_tokenizer()
+    ids, sep = answer_token_ids(tok, "Answer:")
+    assert sep == " " and ids == [tok.convert_tokens_to_ids(c) for c in "ABCD"]
+
+
+def test_left_and_right_padding_give_the_same_scores(tmp_path):
+    model, tok = tiny_qdylora()
+    qs = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS * 2))
+    kw = dict(ranks=[0, 2, 8], batch_size=6, progress=False)
+    left = score_questions(model, tok, qs, padding_side="left", **kw)
+    right = score_questions(model, tok, qs, padding_side="right", **kw)
+    single = score_questions(model, tok, qs, padding_side="right", ranks=[0, 2, 8], batch_size=1, progress=False)
+    for r in (0, 2, 8):
+        assert torch.allclose(torch.tensor(left[r].letter_logits), torch.tensor(right[r].letter_logits), atol=1e-4)
+        assert torch.allclose(torch.tensor(single[r].letter_logits), torch.tensor(right[r].letter_logits), atol=1e-4)
+        assert left[r].predictions == right[r].predictions == single[r].predictions
+
+
+def test_batched_ranks_equal_separate_passes(tmp_path):
+    model, tok = tiny_qdylora()
+    qs = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS * 3))
+    ranks = [0, 1, 3, 8]
+    sep = score_questions(model, tok, qs, ranks=ranks, batch_size=4, progress=False)
+    bat = score_questions(model, tok, qs, ranks=ranks, batch_size=4, batched_ranks=True, progress=False)
+    for r in ranks:
+        assert torch.allclose(torch.tensor(sep[r].letter_logits), torch.tensor(bat[r].letter_logits), atol=1e-5)
+        assert sep[r].predictions == bat[r].predictions
+        assert sep[r].accuracy_micro == bat[r].accuracy_micro and sep[r].loss == pytest.approx(bat[r].loss, rel=1e-5)
+    # the ranks really differ, and rank 0 is the base model without adapter
+    assert sep[1].letter_logits != sep[8].letter_logits
+    with model.disable_adapter():
+        base = score_questions(model, tok, qs, ranks=None, batch_size=4, progress=False)[None]
+    assert torch.allclose(torch.tensor(base.letter_logits), torch.tensor(sep[0].letter_logits), atol=1e-5)
+
+
+def test_evaluation_restores_the_rank(tmp_path):
+    from qdylora.model import dylora_layers, set_rank
+
+    model, tok = tiny_qdylora()
+    set_rank(model, 5)
+    model.train()
+    score_questions(model, tok, load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS)), ranks=[0, 2],
+                    batched_ranks=True, progress=False)
+    assert all(layer.rank == 5 for layer in dylora_layers(model)) and model.training
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("row,field", [
+    ({"subject": "x", "input": "Q\nAnswer:"}, "output"),
+    ({"subject": "x", "output": "A"}, "input"),
+    ({"question": "q", "answer": 1}, "choices"),
+    ({"question": "q", "choices": ["a", "b"]}, "answer"),
+])
+def test_missing_field_names_field_and_line(tmp_path, row, field):
+    path = write_jsonl(tmp_path / "bad.jsonl", [QLORA_ROWS[0], row])
+    with pytest.raises(EvalDataError, match=rf"bad.jsonl, line 2: missing field '{field}'"):
+        load_mmlu(path)
+
+
+def test_bad_answer_and_unknown_layout_and_missing_file(tmp_path):
+    with pytest.raises(EvalDataError, match=r"line 1: field 'output' is 'E'"):
+        load_mmlu(write_jsonl(tmp_path / "a.jsonl", [dict(QLORA_ROWS[0], output="E")]))
+    with pytest.raises(EvalDataError, match=r"line 1: fields \['foo'\] fit no MMLU layout"):
+        load_mmlu(write_jsonl(tmp_path / "b.jsonl", [{"foo": 1}]))
+    with pytest.raises(EvalDataError, match="line 1: not valid JSON"):
+        (tmp_path / "c.jsonl").write_text("{oops\n")
+        load_mmlu(tmp_path / "c.jsonl")
+    with pytest.raises(EvalDataError, match="does not exist"):
+        load_mmlu(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.skipif(not SHARED_MMLU.is_file(), reason="shared MMLU file not present")
+def test_shared_qlora_file_loads():
+    qs = load_mmlu(SHARED_MMLU)
+    assert len(qs) == 1531 and len({q.subject for q in qs}) == 57
+    assert all(build_prompt(q) == q.prompt and q.prompt.endswith("Answer:") for q in qs[:50])
+    small = load_mmlu(SHARED_MMLU, limit=57)
+    assert len({q.subject for q in small}) == 57
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_uses_space_letter():
+    from qdylora.defaults import load_tokenizer
+
+    tok = load_tokenizer()
+    ids, sep = answer_token_ids(tok, QLORA_ROWS[0]["input"])
+    assert sep == " " and len(set(ids)) == 4
+    assert ids == [tok(" " + c, add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
