@@ -7,8 +7,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# ../shared/data beside the repository (MMLU validation, Alpaca 5k); never copied into the repo
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tiny_llama_config(vocab_size: int = 256, hidden: int = 64, layers: int = 2):

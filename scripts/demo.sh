@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed), then the main job on its embedded default: fine-tune SmolLM2-135M-Instruct
+# (4-bit NF4 base, DyLoRA ranks 1..64) on the built-in exact-answer task, then a rank sweep.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/qdylora train --output "${1:-runs/demo}" --overwrite "${@:2}"
