@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, SMALL_M, dot_precision, grouped_tile, rank_block, split_count
-from .nf4 import QBLOCK, NF4Weight, nf4_tile
+from .nf4 import QBLOCK, NF4Weight, nf4_absmax, nf4_decode, nf4_row_ptrs, nf4_table
 
 
 @triton.jit
@@ -45,45 +45,60 @@ def _lora_dx(
 @triton.jit
 def _dx_kernel(
     dy_ptr, g_ptr, ranks_ptr, a_ptr, dx_ptr,
-    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocksize2,
+    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
     M, N, K, R, alpha,
     stride_dym, stride_gm, stride_am, stride_dxm,
-    HAS_LORA: tl.constexpr, NESTED: tl.constexpr,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, LUT_ASM: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     dtype = dy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = pid_k * BLOCK_K
+    k0 = pid_k * BLOCK_K  # BLOCK_K divides K: no column masks
     rk = k0 + tl.arange(0, BLOCK_K)
     rn0 = tl.arange(0, BLOCK_N)
     offset = tl.load(offset_ptr)
+    table = nf4_table(code_ptr, BLOCK_N)
+    w_ptrs = nf4_row_ptrs(packed_ptr, rn0, K, BLOCK_K) + k0 // 2
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn0[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    packed = tl.load(w_ptrs, mask=(rn0 < N)[:, None], other=0)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + rn0
+        rmask = rn < N
+        # next rows' weight bytes first, so their latency hides behind this tile's work
+        packed_next = tl.load(w_ptrs + (n0 + BLOCK_N) * (K // 2), mask=(rn + BLOCK_N < N)[:, None], other=0)
+        am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
         # W[n0:n0+BLOCK_N, k0:k0+BLOCK_K] is already the [reduction, output] operand
-        w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset,
-                     rn, k0, N, K, blocksize2, BLOCK_N, BLOCK_K, NESTED).to(dtype)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
+        w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
+        dy = tl.load(dy_ptrs + n0, mask=(rm < M)[:, None] & rmask[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
+        packed = packed_next
 
     if HAS_LORA:
         acc = _lora_dx(acc, g_ptr, stride_gm, rm, ranks_ptr, alpha, a_ptr, stride_am, rk, M, K, R, BLOCK_R, DOT_PREC)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rk < K)[None, :])
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None])
 
 
-def _dx_config(M: int) -> tuple[dict, int, int]:
-    """(meta-parameters, num_warps, num_stages) for the fused dx GEMM."""
+def _dx_config(M: int, K: int, dtype: torch.dtype) -> tuple[dict, int, int]:
+    """(meta-parameters, num_warps, num_stages) for the fused dx GEMM.
+
+    dy is wgmma's A operand, the decoded weight tile its B operand; as in the forward, large
+    M takes a 256-row dy tile so each decoded weight feeds 256 multiply-adds.
+    """
+    # BLOCK_K output columns: two NF4 blocks per weight row where K allows
+    block_k = 2 * QBLOCK if K % (2 * QBLOCK) == 0 else QBLOCK
     if INTERPRET:
-        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_K=128, BLOCK_N=32, GROUP_M=2), 4, 1
-    # dy is wgmma's A operand (2 warpgroups x 64 rows), the decoded weight its B operand;
-    # BLOCK_K = 2 NF4 blocks per row keeps the decode per dy row band small
-    if M >= 1024:
-        return dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8), 8, 4
-    return dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8), 4, 4
+        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_K=block_k, BLOCK_N=32, GROUP_M=2), 4, 1
+    if dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles, no spills
+        return dict(BLOCK_M=32, BLOCK_K=QBLOCK, BLOCK_N=32, GROUP_M=8), 4, 2
+    if M >= 2048:
+        return dict(BLOCK_M=256, BLOCK_K=block_k, BLOCK_N=64, GROUP_M=8), 8, 3
+    if M > 256:
+        return dict(BLOCK_M=128, BLOCK_K=block_k, BLOCK_N=64, GROUP_M=8), 8, 4
+    return dict(BLOCK_M=64, BLOCK_K=block_k, BLOCK_N=64, GROUP_M=8), 4, 4
 
 
 def fused_dx(dy, g, ranks, A, w: NF4Weight, alpha: float, with_lora: bool) -> torch.Tensor:
@@ -91,14 +106,13 @@ def fused_dx(dy, g, ranks, A, w: NF4Weight, alpha: float, with_lora: bool) -> to
     M, N = dy.shape
     K, R = w.K, A.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-    meta, num_warps, num_stages = _dx_config(M)
+    meta, num_warps, num_stages = _dx_config(M, K, dy.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _dx_kernel[grid](
-        dy, g, ranks, A, dx,
-        w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize2,
+        dy, g, ranks, A, dx, *w.args(),
         M, N, K, R, float(alpha),
         dy.stride(0), g.stride(0), A.stride(0), dx.stride(0),
-        HAS_LORA=with_lora, NESTED=w.nested, BLOCK_R=rank_block(R), DOT_PREC=dot_precision(dy.dtype),
+        **w.meta(dy.dtype), HAS_LORA=with_lora, BLOCK_R=rank_block(R), DOT_PREC=dot_precision(dy.dtype),
         num_warps=num_warps, num_stages=num_stages, **meta,
     )
     return dx
@@ -111,11 +125,12 @@ def fused_dx(dy, g, ranks, A, w: NF4Weight, alpha: float, with_lora: bool) -> to
 @triton.jit
 def _dx_splitn_kernel(
     dy_ptr, b_ptr, ws_ptr,
-    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocksize2,
+    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
     M, N, K, R, n_per_split,
     stride_dym, stride_bn, stride_ws,
-    NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, LUT_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Program (j, s) adds slice s of the N reduction of dy @ W[:, tile j] into ws[:, :K]; the
     programs past the last column tile add dy @ B into ws[:, K:K+R] the same way."""
@@ -127,18 +142,25 @@ def _dx_splitn_kernel(
     rn0 = tl.arange(0, BLOCK_N)
     num_k = tl.cdiv(K, BLOCK_K)
     if pid_k < num_k:
-        offset = tl.load(offset_ptr)
-        k0 = pid_k * BLOCK_K
+        k0 = pid_k * BLOCK_K  # BLOCK_K divides K: no column masks
         rk = k0 + tl.arange(0, BLOCK_K)
+        offset = tl.load(offset_ptr)
+        table = nf4_table(code_ptr, BLOCK_N)
+        w_ptrs = nf4_row_ptrs(packed_ptr, rn0, K, BLOCK_K) + k0 // 2
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        packed = tl.load(w_ptrs + n_lo * (K // 2), mask=(n_lo + rn0 < n_hi)[:, None], other=0)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             rn = n0 + rn0
-            w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset,
-                         rn, k0, N, K, blocksize2, BLOCK_N, BLOCK_K, NESTED).to(dtype)
-            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
+            rmask = rn < N
+            # the weight bytes are the stream this kernel is bound by: request the next
+            # rows' before decoding these
+            packed_next = tl.load(w_ptrs + (n0 + BLOCK_N) * (K // 2), mask=(rn + BLOCK_N < n_hi)[:, None], other=0)
+            am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
+            w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=(rm < M)[:, None] & rmask[None, :], other=0.0)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
-        tl.atomic_add(ws_ptr + rm[:, None] * stride_ws + rk[None, :], acc,
-                      mask=(rm < M)[:, None] & (rk < K)[None, :], sem="relaxed")
+            packed = packed_next
+        tl.atomic_add(ws_ptr + rm[:, None] * stride_ws + rk[None, :], acc, mask=(rm < M)[:, None], sem="relaxed")
     else:
         rr = (pid_k - num_k) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -182,7 +204,14 @@ def splitn_dx(dy, A, B, ranks, w: NF4Weight, alpha: float, separate_lora: bool):
     K, R = w.K, A.shape[0]
     assert M <= SMALL_M
     block_m = max(16, triton.next_power_of_2(M))
-    block_k, block_n, num_warps, num_stages = (64, 32, 4, 1) if INTERPRET else (64, 64, 4, 4)
+    # 128 output columns = two NF4 blocks per weight row and step where K allows: more weight
+    # bytes in flight per program
+    block_k = 2 * QBLOCK if K % (2 * QBLOCK) == 0 else QBLOCK
+    block_n, num_warps, num_stages, fin_k = 64, 4, 4, 128
+    if INTERPRET:
+        block_n, num_stages, fin_k = 32, 1, 64
+    elif dy.dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles, no spills
+        block_k, block_n, num_stages, fin_k = QBLOCK, 32, 2, 32
     block_r = 16
     steps = triton.cdiv(N, block_n)
     tiles = triton.cdiv(K, block_k) + triton.cdiv(R, block_r)
@@ -192,16 +221,14 @@ def splitn_dx(dy, A, B, ranks, w: NF4Weight, alpha: float, separate_lora: bool):
     ws = torch.zeros((M, K + R), dtype=torch.float32, device=dy.device)
     prec = dot_precision(dy.dtype)
     _dx_splitn_kernel[(tiles, splits)](
-        dy, B, ws,
-        w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize2,
+        dy, B, ws, *w.args(),
         M, N, K, R, n_per_split,
         dy.stride(0), B.stride(0), ws.stride(0),
-        NESTED=w.nested, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
+        **w.meta(dy.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
         DOT_PREC=prec, num_warps=num_warps, num_stages=num_stages,
     )
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     dxl = torch.empty_like(dx) if separate_lora else None
-    fin_k = 64 if INTERPRET else 128
     _dx_finalize_kernel[(triton.cdiv(K, fin_k), triton.cdiv(M, block_m))](
         ws, ranks, A, dx, dxl if dxl is not None else dx,
         M, K, R, float(alpha), ws.stride(0), A.stride(0), dx.stride(0), dx.stride(0),

@@ -47,11 +47,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def split_count(tiles: int, steps: int, rows: int, device: torch.device) -> int:
-    """How many slices to cut a reduction of `steps` 64-wide steps into, for the split kernels.
+    """How many slices to cut a reduction of `steps` loop steps into, for the split kernels.
 
-    Enough programs to keep every SM streaming weights (about 4 per SM), at least 2 steps per
-    slice, and at most 128 / rows slices so the fp32 atomics (rows * out * slices) stay small
-    next to the weight bytes.
+    Enough programs (`tiles` per slice) to keep every SM streaming weights, about 4 per SM;
+    at least 2 steps per slice; at most 128 / rows slices, so the fp32 atomics
+    (rows * outputs * slices) stay small next to the weight bytes.
     """
     want = triton.cdiv(4 * sm_count(device), max(tiles, 1))
     cap = max(1, min(steps // 2, 128 // max(rows, 1)))

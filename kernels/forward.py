@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, SMALL_M, dot_precision, grouped_tile, rank_block, split_count
-from .nf4 import QBLOCK, NF4Weight, nf4_tile
+from .nf4 import QBLOCK, NF4Weight, nf4_absmax, nf4_decode, nf4_row_ptrs, nf4_table
 
 
 @triton.jit
@@ -54,10 +54,10 @@ def _lora_expand(
 @triton.jit
 def _fwd_kernel(
     x_ptr, h_ptr, ranks_ptr, b_ptr, bias_ptr, y_ptr,
-    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocksize2,
+    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
     M, N, K, R, alpha,
     stride_xm, stride_hm, stride_bn, stride_ym,
-    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, LUT_ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -67,18 +67,24 @@ def _fwd_kernel(
     pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
+    rmask = rn < N
     offset = tl.load(offset_ptr)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    table = nf4_table(code_ptr, BLOCK_N)
+    w_ptrs = nf4_row_ptrs(packed_ptr, rn, K, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     x_mask = (rm < M)[:, None]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K % 64 == 0 == BLOCK_K: no column mask
-        w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset,
-                     rn, k0, N, K, blocksize2, BLOCK_N, BLOCK_K, NESTED).to(dtype)
-        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    packed = tl.load(w_ptrs, mask=rmask[:, None], other=0)
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K: no column masks
+        # next tile's weight bytes first, so their latency hides behind this tile's work (the
+        # per-row form of the bound keeps the CPU interpreter happy; it is uniform per row)
+        packed_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 2, mask=(rmask & (0 * rn + k0 + BLOCK_K < K))[:, None], other=0)
+        am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
+        w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
+        x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
-        x_ptrs += BLOCK_K
+        packed = packed_next
 
     acc = _lora_expand(acc, h_ptr, stride_hm, rm, ranks_ptr, alpha, b_ptr, stride_bn, rn, M, N, R, BLOCK_R, DOT_PREC)
     if HAS_BIAS:
@@ -87,12 +93,20 @@ def _fwd_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def _fwd_config(M: int) -> tuple[dict, int, int]:
-    """(meta-parameters, num_warps, num_stages) for the fused forward GEMM."""
+def _fwd_config(M: int, dtype: torch.dtype) -> tuple[dict, int, int]:
+    """(meta-parameters, num_warps, num_stages) for the fused forward GEMM.
+
+    The decode costs about 11 instructions per weight (see KERNELS_NOTES.md); each decoded
+    weight feeds BLOCK_M multiply-adds, so large M takes the widest x tile wgmma allows (256)
+    to keep the decode under the tensor-core time. BLOCK_N weight rows = 2 warpgroups x 64.
+    """
     if INTERPRET:
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=32, GROUP_N=2), 4, 1
-    # BLOCK_N weight rows = 2 warpgroups x wgmma's 64; the x tile is wgmma's N
-    if M >= 1024:
+    if dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles, no spills
+        return dict(BLOCK_M=32, BLOCK_N=64, GROUP_N=8), 4, 2
+    if M >= 2048:
+        return dict(BLOCK_M=256, BLOCK_N=128, GROUP_N=8), 8, 3
+    if M > 256:
         return dict(BLOCK_M=128, BLOCK_N=128, GROUP_N=8), 8, 4
     return dict(BLOCK_M=64, BLOCK_N=128, GROUP_N=8), 4, 4
 
@@ -102,14 +116,13 @@ def fused_forward(x, h, ranks, B, bias, w: NF4Weight, alpha: float) -> torch.Ten
     M, K = x.shape
     N, R = w.N, B.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    meta, num_warps, num_stages = _fwd_config(M)
+    meta, num_warps, num_stages = _fwd_config(M, x.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fwd_kernel[grid](
-        x, h, ranks, B, bias if bias is not None else y, y,
-        w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize2,
+        x, h, ranks, B, bias if bias is not None else y, y, *w.args(),
         M, N, K, R, float(alpha),
         x.stride(0), h.stride(0), B.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, NESTED=w.nested, BLOCK_K=QBLOCK, BLOCK_R=rank_block(R),
+        **w.meta(x.dtype), HAS_BIAS=bias is not None, BLOCK_K=QBLOCK, BLOCK_R=rank_block(R),
         DOT_PREC=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages, **meta,
     )
     return y
@@ -122,32 +135,41 @@ def fused_forward(x, h, ranks, B, bias, w: NF4Weight, alpha: float) -> torch.Ten
 @triton.jit
 def _fwd_splitk_kernel(
     x_ptr, xl_ptr, a_ptr, ws_ptr,
-    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocksize2,
+    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
     M, N, K, R, k_per_split,
     stride_xm, stride_xlm, stride_am, stride_ws,
-    NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, LUT_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Program (i, s) adds its K slice s of x @ W[tile i]^T into ws[:, :N]; the programs past
     the last weight tile do the shrink x_lora @ A^T into ws[:, N:N+R] the same way."""
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
-    k_lo = tl.program_id(1) * k_per_split
+    k_lo = tl.program_id(1) * k_per_split  # k_per_split and K are multiples of BLOCK_K
     k_hi = tl.minimum(k_lo + k_per_split, K)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     if pid_n < num_n:
-        offset = tl.load(offset_ptr)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rn < N
+        offset = tl.load(offset_ptr)
+        table = nf4_table(code_ptr, BLOCK_N)
+        w_ptrs = nf4_row_ptrs(packed_ptr, rn, K, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        packed = tl.load(w_ptrs + k_lo // 2, mask=rmask[:, None], other=0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset,
-                         rn, k0, N, K, blocksize2, BLOCK_N, BLOCK_K, NESTED).to(dtype)
+            # the weight bytes are the stream this kernel is bound by: request the next
+            # tile's before decoding this one
+            packed_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 2, mask=(rmask & (0 * rn + k0 + BLOCK_K < k_hi))[:, None], other=0)
+            am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
+            w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
+            packed = packed_next
         tl.atomic_add(ws_ptr + rm[None, :] * stride_ws + rn[:, None], acc,
-                      mask=(rn < N)[:, None] & (rm < M)[None, :], sem="relaxed")
+                      mask=rmask[:, None] & (rm < M)[None, :], sem="relaxed")
     else:
         ra = (pid_n - num_n) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc_h = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
@@ -177,13 +199,17 @@ def _fwd_finalize_kernel(
     tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _splitk_config(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the split-K kernel."""
+def _splitk_config(M: int, K: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of the split-K kernel and its finalize."""
     block_m = max(16, triton.next_power_of_2(M))
+    # two NF4 blocks per row and step where K allows: more weight bytes in flight per program
+    block_k = 2 * QBLOCK if K % (2 * QBLOCK) == 0 else QBLOCK
     if INTERPRET:
-        return block_m, 32, 4, 1
+        return dict(block_m=block_m, block_n=32, block_k=block_k, fin_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # exact fp32 dots run on the FMA units: small tiles, no spills
+        return dict(block_m=block_m, block_n=32, block_k=QBLOCK, fin_n=32, num_warps=4, num_stages=2)
     # 64 weight rows = one warpgroup's wgmma M; deep pipelining to keep bytes in flight
-    return block_m, 64, 4, 4
+    return dict(block_m=block_m, block_n=64, block_k=block_k, fin_n=128, num_warps=4, num_stages=4)
 
 
 def splitk_forward(x, xl, A, ranks, B, bias, w: NF4Weight, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,26 +217,26 @@ def splitk_forward(x, xl, A, ranks, B, bias, w: NF4Weight, alpha: float) -> tupl
     M, K = x.shape
     N, R = w.N, A.shape[0]
     assert M <= SMALL_M
-    block_m, block_n, num_warps, num_stages = _splitk_config(M)
+    cfg = _splitk_config(M, K, x.dtype)
+    block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     block_r = 16  # shrink programs handle 16 rows of A each: they read 4x the bytes per row of a weight tile
-    steps = K // QBLOCK
+    steps = K // block_k
     tiles = triton.cdiv(N, block_n) + triton.cdiv(R, block_r)
     splits = split_count(tiles, steps, M, x.device)
-    k_per_split = triton.cdiv(steps, splits) * QBLOCK
+    k_per_split = triton.cdiv(steps, splits) * block_k
     splits = triton.cdiv(K, k_per_split)
     # fp32 partial sums: [:, :N] for x @ W^T, [:, N:N+R] for h
     ws = torch.zeros((M, N + R), dtype=torch.float32, device=x.device)
     prec = dot_precision(x.dtype)
     _fwd_splitk_kernel[(tiles, splits)](
-        x, xl, A, ws,
-        w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize2,
+        x, xl, A, ws, *w.args(),
         M, N, K, R, k_per_split,
         x.stride(0), xl.stride(0), A.stride(0), ws.stride(0),
-        NESTED=w.nested, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=QBLOCK, BLOCK_R=block_r,
-        DOT_PREC=prec, num_warps=num_warps, num_stages=num_stages,
+        **w.meta(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        DOT_PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    fin_n = 32 if INTERPRET else 128
+    fin_n = cfg["fin_n"]
     _fwd_finalize_kernel[(triton.cdiv(N, fin_n), triton.cdiv(M, block_m))](
         ws, ranks, B, bias if bias is not None else y, y,
         M, N, R, float(alpha), ws.stride(0), B.stride(0), y.stride(0),

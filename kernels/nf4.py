@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRET
+from .lut import lut_asm
+
 QBLOCK = 64  # the only bitsandbytes blocksize the kernels read; others fall back to the reference
 INT32_MAX = 2**31 - 1
 
@@ -37,6 +40,21 @@ class NF4Weight:
     nested: bool
     N: int
     K: int
+
+    def args(self) -> tuple:
+        """The pointer arguments every kernel takes, in the order of their signatures."""
+        return (self.packed, self.absmax, self.code, self.code2, self.absmax2, self.offset)
+
+    def meta(self, dtype: torch.dtype) -> dict:
+        """The matching constexprs, for tiles decoded to `dtype`."""
+        return dict(NESTED=self.nested, BLOCKSIZE2=self.blocksize2, LUT_ASM=lut_for(dtype))
+
+
+def lut_for(dtype: torch.dtype) -> str:
+    """The LUT_ASM constexpr of nf4_decode for tiles in `dtype` (see lut.py)."""
+    if INTERPRET or dtype not in (torch.bfloat16, torch.float16):
+        return ""
+    return lut_asm(dtype)
 
 
 def unsupported_reason(x, weight, quant_state, bias, lora_A, lora_B, x_lora, interpret: bool) -> str | None:
@@ -97,66 +115,88 @@ def nf4_weight(weight: torch.Tensor, quant_state) -> NF4Weight:
 
 
 @triton.jit
-def nf4_tile(
-    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset,
-    rows, k0, N, K, blocksize2,
-    BR: tl.constexpr, BK: tl.constexpr, NESTED: tl.constexpr,
-):
-    """W[rows, k0:k0+BK] decoded to fp32, shape [BR, BK]; k0 and BK multiples of 64.
+def nf4_table(code_ptr, BR: tl.constexpr):
+    """The 16 NF4 values broadcast to [BR, 16], loaded once per program (outside the K loop)."""
+    return tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BR, 16))
 
-    Rows >= N (and columns >= K) come out finite but not zero: the caller masks the other
-    operand of the dot to zero there, which costs less than a select per weight.
+
+@triton.jit
+def nf4_row_ptrs(packed_ptr, rows, K, BK: tl.constexpr):
+    """Pointers [BR, BK/2] to the packed bytes of W[rows, 0:BK]; add k0 // 2 to move along K.
+
+    The loops load these tiles themselves, one tile ahead of the decode: Triton's pipeliner
+    does not stage a load whose result reaches the dot only through the lookup, so the next
+    tile's bytes are requested before this one is decoded. Every kernel picks BK dividing K
+    (K % 64 == 0), so only rows are masked and the loads stay 16-byte vectors.
+    """
+    return packed_ptr + rows[:, None] * (K // 2) + tl.arange(0, BK // 2)[None, :]
+
+
+@triton.jit
+def nf4_absmax(
+    absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, rmask, k0, K,
+    BK: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+):
+    """fp32 [BR, BK/64]: the absmax of each 64-block of W[rows, k0:k0+BK], nested decode included."""
+    blk = rows[:, None] * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, :]
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=rmask[:, None], other=0).to(tl.int32)
+        am = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=rmask[:, None], other=0.0) + offset
+    else:
+        am = tl.load(absmax_ptr + blk, mask=rmask[:, None], other=0.0)
+    return am
+
+
+@triton.jit
+def nf4_decode(packed, am, table, BR: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, LUT_ASM: tl.constexpr):
+    """W tile [BR, BK] in DTYPE from packed bytes [BR, BK/2], absmax [BR, BK/64] and nf4_table(BR).
+
+    LUT_ASM: the PTX of lut.lut_asm(DTYPE) (compiled bf16/fp16 kernels), or "" for the exact
+    path (a gather from the 16 values in registers, fp32 product rounded once, like
+    bitsandbytes): fp32 inputs and the CPU interpreter, which cannot run inline PTX.
+    Rows past N come out finite but not zero (absmax = offset there): the caller masks the
+    other operand of the dot to zero, which costs less than a select per weight.
     """
     G: tl.constexpr = BK // 64
-    jb = tl.arange(0, BK // 2)  # byte index within one row of the tile
-    rmask = rows < N
-    # one byte holds elements 2j (high nibble) and 2j+1 (low nibble)
-    packed = tl.load(
-        packed_ptr + rows[:, None] * (K // 2) + (k0 // 2 + jb)[None, :],
-        mask=rmask[:, None] & ((k0 + 2 * jb) < K)[None, :],
-        other=0,
-    )
-    # the 16 NF4 values sit in one 64-byte line: the gather is a single L1 wavefront per warp
-    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-    lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+    # byte j holds element 2j in the high nibble and 2j+1 in the low one
+    if LUT_ASM == "":
+        hi = tl.gather(table, (packed >> 4).to(tl.int32), 1)
+        lo = tl.gather(table, (packed & 15).to(tl.int32), 1)
+        scale = am
+    else:
+        hi, lo = tl.inline_asm_elementwise(
+            LUT_ASM, "=r,=r,=r,=r,r", [packed], dtype=(DTYPE.value, DTYPE.value), is_pure=True, pack=4
+        )
+        scale = am.to(DTYPE)
     vals = tl.reshape(tl.join(hi, lo), (BR, BK))  # interleave back to element order
-
-    # one absmax per row and 64-column group of the tile
-    blk = rows[:, None] * (K // 64) + (k0 // 64 + tl.arange(0, G))[None, :]  # [BR, G]
-    bmask = rmask[:, None] & ((k0 + 64 * tl.arange(0, G)) < K)[None, :]
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-        am = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // blocksize2, mask=bmask, other=0.0) + offset
-    else:
-        am = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
     if G == 1:
-        w = vals * am
+        w = vals * scale
     else:
-        w = vals * tl.reshape(tl.broadcast_to(am[:, :, None], (BR, G, 64)), (BR, BK))
-    return w
+        w = vals * tl.reshape(tl.broadcast_to(scale[:, :, None], (BR, G, 64)), (BR, BK))
+    return w.to(DTYPE)
 
 
 @triton.jit
 def _decode_kernel(
-    out_ptr, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocksize2, N, K,
-    BR: tl.constexpr, BK: tl.constexpr, NESTED: tl.constexpr,
+    out_ptr, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, N, K,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, LUT_ASM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < N
     k0 = tl.program_id(1) * BK
-    cols = k0 + tl.arange(0, BK)
-    w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, tl.load(offset_ptr),
-                 rows, k0, N, K, blocksize2, BR, BK, NESTED)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(rows < N)[:, None] & (cols < K)[None, :])
+    packed = tl.load(nf4_row_ptrs(packed_ptr, rows, K, BK) + k0 // 2, mask=rmask[:, None], other=0)
+    am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, tl.load(offset_ptr), rows, rmask, k0, K, BK, NESTED, BLOCKSIZE2)
+    w = nf4_decode(packed, am, nf4_table(code_ptr, BR), BR, BK, out_ptr.dtype.element_ty, LUT_ASM)
+    tl.store(out_ptr + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :], w, mask=rmask[:, None])
 
 
-def decode_nf4(weight: torch.Tensor, quant_state, dtype: torch.dtype = torch.float32, block_k: int = 128) -> torch.Tensor:
-    """The whole weight decoded by `nf4_tile`, [N, K] in `dtype`: a check of the decoder against
-    bitsandbytes.functional.dequantize_4bit, for tests and debugging only (the matmul kernels
-    never build this tensor)."""
+def decode_nf4(weight: torch.Tensor, quant_state, dtype: torch.dtype = torch.float32, block_k: int = 64) -> torch.Tensor:
+    """The whole weight decoded by `nf4_decode`, [N, K] in `dtype` (block_k must divide K): a check
+    of the decoder against bitsandbytes.functional.dequantize_4bit, for tests and debugging only
+    (the matmul kernels never build this tensor)."""
     w = nf4_weight(weight, quant_state)
+    assert w.K % block_k == 0
     out = torch.empty((w.N, w.K), dtype=dtype, device=weight.device)
-    grid = (triton.cdiv(w.N, 16), triton.cdiv(w.K, block_k))
-    _decode_kernel[grid](out, w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize2, w.N, w.K,
-                         BR=16, BK=block_k, NESTED=w.nested)
+    grid = (triton.cdiv(w.N, 16), w.K // block_k)
+    _decode_kernel[grid](out, *w.args(), w.N, w.K, **w.meta(dtype), BR=16, BK=block_k)
     return out

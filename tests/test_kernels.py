@@ -13,6 +13,7 @@ module fixture, while this file's tests run, and restored otherwise, so the othe
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import warnings
 
@@ -127,12 +128,83 @@ def check(case, update="nested", tol=None, **kw):
 
 
 @pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("N,K,block_k", [(48, 128, 64), (33, 192, 128)])
+@pytest.mark.parametrize("N,K,block_k", [(48, 128, 64), (33, 256, 128), (17, 192, 64)])
 def test_decoder_matches_bitsandbytes(N, K, block_k, nested):
     packed, qs = quantize(N, K, torch.float32, seed=3, nested=nested)
     want = bnbF.dequantize_4bit(packed, qs).float()
     got = decode_nf4(packed, qs, torch.float32, block_k=block_k)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _run_ptx(asm: str, inputs: list[int], n_out: int) -> list[int]:
+    """A tiny PTX interpreter for the instructions lut.lut_asm emits (mov/and/or/shr/prmt.b32)."""
+    regs = {f"${n_out + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
+
+    def val(tok):
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+        if op == "mov.b32":
+            r = val(a[1])
+        elif op == "and.b32":
+            r = val(a[1]) & val(a[2])
+        elif op == "or.b32":
+            r = val(a[1]) | val(a[2])
+        elif op == "shr.b32":
+            r = val(a[1]) >> val(a[2])
+        elif op == "prmt.b32":  # default mode: 4 selectors of 4 bits over the 8 bytes {b, a}
+            src, sel, r = val(a[1]) | val(a[2]) << 32, val(a[3]), 0
+            for k in range(4):
+                s_k = (sel >> 4 * k) & 0xF
+                byte = (src >> 8 * (s_k & 7)) & 0xFF
+                if s_k & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << 8 * k
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+        regs[a[0]] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ptx_lookup_decodes_every_byte(dtype):
+    """The inline-PTX lookup of the compiled kernels (not runnable in the interpreter), emulated:
+    every byte value in every position of the packed word gives the code values of its nibbles."""
+    from qdylora_kernels.lut import NF4_VALUES, lut_asm
+
+    assert torch.equal(torch.tensor(NF4_VALUES), bnbF.get_4bit_type("nf4", device="cpu"))
+    want = (torch.tensor(NF4_VALUES).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    asm = lut_asm(dtype)
+    g = torch.Generator().manual_seed(0)
+    for pos in range(4):
+        for b in range(256):
+            rest = int(torch.randint(0, 2**32, (1,), generator=g, dtype=torch.int64))
+            word = (rest & ~(0xFF << 8 * pos)) | b << 8 * pos
+            hi01, hi23, lo01, lo23 = _run_ptx(asm, [word], 4)
+            his = [hi01 & 0xFFFF, hi01 >> 16, hi23 & 0xFFFF, hi23 >> 16]
+            los = [lo01 & 0xFFFF, lo01 >> 16, lo23 & 0xFFFF, lo23 >> 16]
+            for i in range(4):
+                byte = (word >> 8 * i) & 0xFF
+                assert (his[i], los[i]) == (want[byte >> 4], want[byte & 15]), (hex(word), i)
+
+
+def test_kernels_compile_for_hopper():
+    """Every bf16 configuration the wrappers launch compiles for sm_90 (Triton -> PTX -> cubin, no
+    GPU needed): catches layout, inline-PTX and register problems the interpreter cannot see."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "qdylora_kernels.aot_check", "--quick"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("Triton's ptxas is not installed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernels compiled for sm_90" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------
