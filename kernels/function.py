@@ -16,6 +16,28 @@ from .nf4 import nf4_weight, unsupported_reason
 UPDATES = ("frozen", "nested")
 
 
+def _forward(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora, need_h=True):
+    """(y, what backward needs): the forward kernels, with the inputs brought to the compute dtype."""
+    if update not in UPDATES:
+        raise ValueError(f"update={update!r}; use 'frozen' or 'nested'")
+    dtype = x.dtype
+    w = nf4_weight(weight, quant_state)
+    x = x.contiguous()
+    A = lora_A.to(dtype).contiguous()
+    B = lora_B.to(dtype).contiguous()
+    xl = x if x_lora is None else x_lora.to(dtype).contiguous()
+    r = ranks.to(device=x.device, dtype=torch.int64).contiguous()
+    bias_c = None if bias is None else bias.contiguous()
+    if x.shape[0] <= SMALL_M:
+        y, h32 = splitk_forward(x, xl, A, r, B, bias_c, w, alpha)
+        # the low-rank activations, rounded as the reference's x @ A^T
+        h = h32.to(dtype) if need_h else None
+    else:
+        h = xl @ A.t()  # the shrink, once for all output tiles
+        y = fused_forward(x, h, r, B, bias_c, w, alpha)
+    return y, (x, xl, h, A, B, r, w)
+
+
 class TritonQDyLoRALinear(torch.autograd.Function):
     """y = x @ deq(W)^T + (alpha/r_m) * (x_lora @ A[:r_m]^T) @ B[:, :r_m]^T + bias, per-row ranks r_m.
 
@@ -26,22 +48,8 @@ class TritonQDyLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora):
-        if update not in UPDATES:
-            raise ValueError(f"update={update!r}; use 'frozen' or 'nested'")
-        dtype = x.dtype
-        w = nf4_weight(weight, quant_state)
-        x = x.contiguous()
-        A = lora_A.to(dtype).contiguous()
-        B = lora_B.to(dtype).contiguous()
-        xl = x if x_lora is None else x_lora.to(dtype).contiguous()
-        r = ranks.to(device=x.device, dtype=torch.int64).contiguous()
-        bias_c = None if bias is None else bias.contiguous()
-        if x.shape[0] <= SMALL_M:
-            y, h32 = splitk_forward(x, xl, A, r, B, bias_c, w, alpha)
-            h = h32.to(dtype)  # the low-rank activations, rounded as the reference's x @ A^T
-        else:
-            h = xl @ A.t()  # the shrink, once for all output tiles
-            y = fused_forward(x, h, r, B, bias_c, w, alpha)
+        y, saved = _forward(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
+        x, xl, h, A, B, r, w = saved
         ctx.save_for_backward(x, xl if x_lora is not None else None, h, A, B, r)
         ctx.nf4 = w
         ctx.meta = (lora_A.dtype, lora_B.dtype, bias is not None, x_lora is not None, float(alpha), update)
@@ -87,4 +95,8 @@ def triton_qdylora_linear(x, weight, quant_state, bias, lora_A, lora_B, ranks, a
     if reason is not None:
         warnings.warn(f"qdylora_kernels: {reason}; using the PyTorch reference path", stacklevel=2)
         return ReferenceQDyLoRALinear.apply(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
-    return TritonQDyLoRALinear.apply(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
+    args = (x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B, x_lora))):
+        # inference (decoding, eval): no autograd node, nothing kept for a backward
+        return _forward(*args, need_h=False)[0]
+    return TritonQDyLoRALinear.apply(*args)

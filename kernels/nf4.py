@@ -77,8 +77,8 @@ def unsupported_reason(x, weight, quant_state, bias, lora_A, lora_B, x_lora, int
         return f"in_features {K} is not a multiple of {QBLOCK}"
     if weight.dtype != torch.uint8 or weight.numel() * 2 != N * K or (weight.dim() == 2 and weight.shape[0] == 1):
         return f"weight {tuple(weight.shape)} {weight.dtype} is not bitsandbytes' packed [N*K/2, 1] uint8 layout"
-    if N * K // 2 > INT32_MAX or x.numel() > INT32_MAX:
-        return "tensors too large for 32-bit offsets"
+    if N * K // 2 > INT32_MAX or x.numel() > INT32_MAX or x.shape[0] * N > INT32_MAX:
+        return "tensors too large for the kernels' 32-bit offsets"
     if x.shape[1] != K:
         return f"x has {x.shape[1]} features, the weight {K}"
     if lora_A.dim() != 2 or lora_A.shape[1] != K or lora_B.dim() != 2 or lora_B.shape != (N, lora_A.shape[0]):

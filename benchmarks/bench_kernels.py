@@ -1,0 +1,471 @@
+#!/usr/bin/env python
+"""Benchmark the fused QDyLoRA kernels against the usual QLoRA stacks (issue 3).
+
+For each weight shape (N out x K in), row count M, LoRA rank r, and mode (forward, or forward +
+backward), times four ways of computing y = x @ W^T + (alpha/r) (x @ A[:r]^T) @ B[:, :r]^T:
+
+  qdylora  the fused Triton op (qdylora_kernels.triton_qdylora_linear), NF4 weight
+  a        bitsandbytes dequantize_4bit + F.linear + separate LoRA matmuls (the peft recipe)
+  b        bf16 dense F.linear + separate LoRA matmuls, no quantization
+  c        bitsandbytes.matmul_4bit + separate LoRA matmuls (bnb's own 4-bit path)
+
+with triton.testing.do_bench (median, L2 flushed between runs). Each config is first checked
+against the PyTorch reference (qdylora.reference): relative error of y (and dx, dA, dB in
+forward+backward mode). Reports time, TFLOP/s, GB/s, transient memory (peak allocated during
+one call above what was allocated before it), and speed ratios; writes CSV + JSON + PNG under
+benchmarks/results/ named after the GPU. A failing config is recorded and the run goes on.
+
+  python benchmarks/bench_kernels.py            # full run, about 4-6 minutes on an H100
+  python benchmarks/bench_kernels.py --quick    # a subset, under a minute
+  python benchmarks/bench_kernels.py --dry-run  # CPU, Triton interpreter, tiny shapes: a smoke test
+
+FLOPs counted: forward 2MNK + 2Mr(N+K); forward+backward 4MNK + 6Mr(N+K) (no weight gradient).
+Bytes counted (GB/s): the weight as each method stores it (NF4 with its absmax: 0.516 bytes per
+weight; bf16: 2), read once per forward and once more in backward, plus x and y in bf16
+(and dy, dx in backward) -- a floor on the traffic, so GB/s is comparable across methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (N out, K in)
+ROWS = [1, 16, 256, 4096]
+RANKS = [8, 64]
+MODES = ["fwd", "fwd+bwd"]
+METHODS = ["qdylora", "a", "b", "c"]
+METHOD_NAMES = {
+    "qdylora": "fused Triton (NF4)",
+    "a": "dequantize+F.linear+LoRA",
+    "b": "bf16 dense+LoRA",
+    "c": "bnb.matmul_4bit+LoRA",
+}
+R_ALLOC = 64  # lora_A rows / lora_B columns allocated (r_max); the rank is a runtime value
+ALPHA = 16.0
+# targets from the issue: M = 4096 fwd+bwd >= 1.15x faster than (a) and within 1.10x of (b);
+# M <= 16 >= 3x faster than (b) and >= 1.5x faster than bitsandbytes' path (c)
+TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark the fused QDyLoRA Triton kernels (see module docstring).")
+    p.add_argument("--quick", action="store_true", help="a subset: 2 shapes, M in {1, 4096}, rank 64")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU smoke test: Triton interpreter (TRITON_INTERPRET=1), tiny shapes, fp32, no GPU")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default benchmarks/results; a temporary folder for --dry-run)")
+    p.add_argument("--warmup", type=float, default=10.0, help="do_bench warmup in ms (default 10)")
+    p.add_argument("--rep", type=float, default=40.0, help="do_bench repetition time in ms (default 40)")
+    p.add_argument("--shapes", type=str, default=None, help="override shapes, e.g. 4096x4096,8192x28672 (N x K)")
+    p.add_argument("--rows", type=str, default=None, help="override M values, e.g. 1,4096")
+    p.add_argument("--ranks", type=str, default=None, help="override ranks, e.g. 8,64")
+    return p.parse_args(argv)
+
+
+def plan(args):
+    """(shapes, rows, ranks, R allocated, dtype name) for this run."""
+    if args.dry_run:
+        shapes, rows, ranks, r_alloc, dtype = [(48, 128), (80, 192)], [1, 5, 70], [8, 16], 16, "float32"
+    elif args.quick:
+        shapes, rows, ranks, r_alloc, dtype = SHAPES[:2], [1, 4096], [64], R_ALLOC, "bfloat16"
+    else:
+        shapes, rows, ranks, r_alloc, dtype = SHAPES, ROWS, RANKS, R_ALLOC, "bfloat16"
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    if args.rows:
+        rows = [int(v) for v in args.rows.split(",")]
+    if args.ranks:
+        ranks = [int(v) for v in args.ranks.split(",")]
+        r_alloc = max(r_alloc, max(ranks))
+    return shapes, rows, ranks, r_alloc, dtype
+
+
+def flops(mode, M, N, K, r):
+    if mode == "fwd":
+        return 2 * M * N * K + 2 * M * r * (N + K)
+    return 4 * M * N * K + 6 * M * r * (N + K)
+
+
+def nominal_bytes(mode, method, M, N, K):
+    weight = 2 * N * K if method == "b" else N * K // 2 + N * K // 64
+    act = 2 * (M * K + M * N)
+    return weight + act if mode == "fwd" else 2 * (weight + act)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        # must be set before triton is imported: the kernels are then run by the CPU interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU, or use --dry-run for the CPU smoke test", file=sys.stderr)
+        return 2
+    return Bench(args).run()
+
+
+class Bench:
+    def __init__(self, args):
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbF
+        import torch
+        import torch.nn.functional as F
+
+        import qdylora_kernels
+        from qdylora.reference import ReferenceQDyLoRALinear
+
+        self.args, self.torch, self.F, self.bnb, self.bnbF = args, torch, F, bnb, bnbF
+        self.op = qdylora_kernels.triton_qdylora_linear
+        self.ref = ReferenceQDyLoRALinear.apply
+        self.shapes, self.rows, self.ranks, self.r_alloc, dtype_name = plan(args)
+        self.dtype = getattr(torch, dtype_name)
+        self.device = torch.device("cpu" if args.dry_run else "cuda")
+        self.gpu = "cpu-interpreter" if args.dry_run else torch.cuda.get_device_name()
+        tag = "".join(c if c.isalnum() else "_" for c in self.gpu).strip("_")
+        suffix = "_quick" if args.quick else ""
+        out = args.out or (Path(tempfile.mkdtemp(prefix="bench_kernels_")) if args.dry_run
+                           else Path(__file__).resolve().parent / "results")
+        out.mkdir(parents=True, exist_ok=True)
+        self.paths = {ext: out / f"kernels_{tag}{suffix}.{ext}" for ext in ("csv", "json", "png")}
+        self.rows_out: list[dict] = []
+
+    # -- timing and memory ---------------------------------------------------------------------
+
+    def time_ms(self, fn, grads):
+        torch = self.torch
+        if self.args.dry_run:  # no CUDA events on CPU: a few plain runs
+            times = []
+            for _ in range(3):
+                for t in grads:
+                    t.grad = None
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        import triton.testing
+
+        t = triton.testing.do_bench(fn, warmup=self.args.warmup, rep=self.args.rep, grad_to_none=grads,
+                                    return_mode="median")
+        torch.cuda.synchronize()
+        return t
+
+    def transient_bytes(self, fn, grads):
+        torch = self.torch
+        if self.args.dry_run:
+            return float("nan")
+        for t in grads:
+            t.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    # -- one weight shape ----------------------------------------------------------------------
+
+    def make_weight(self, N, K):
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(N * 7 + K)
+        w = self.randn((N, K), g, 0.02)
+        packed, qs = self.bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        dense = self.bnbF.dequantize_4bit(packed, qs).to(self.dtype)  # (b) sees the same weights
+        del w
+        return packed, qs, dense, self.randn((self.r_alloc, K), g, 0.02), self.randn((N, self.r_alloc), g, 0.02)
+
+    def randn(self, shape, g, scale=1.0):
+        """Random values made on the device (a 28672 x 8192 tensor takes seconds on the CPU)."""
+        t = self.torch.randn(shape, generator=g, device=self.device, dtype=self.torch.float32)
+        return (t * scale).to(self.dtype)
+
+    def methods(self, packed, qs, dense, A, B, r, M):
+        """name -> (callable(x, A, B) -> y, the LoRA leaves it differentiates)."""
+        torch, F, bnb, bnbF = self.torch, self.F, self.bnb, self.bnbF
+        scale = ALPHA / r
+        ranks = torch.full((M,), r, dtype=torch.long, device=self.device)
+        # the baselines get adapters of exactly rank r, as peft allocates them
+        A_r = A[:r].clone().requires_grad_()
+        B_r = B[:, :r].contiguous().requires_grad_()
+        A_full = A.clone().requires_grad_()
+        B_full = B.clone().requires_grad_()
+
+        def lora(x):
+            return F.linear(F.linear(x, A_r), B_r) * scale
+
+        return {
+            "qdylora": (lambda x: self.op(x, packed, qs, None, A_full, B_full, ranks, ALPHA, "nested", None),
+                        [A_full, B_full]),
+            "a": (lambda x: F.linear(x, bnbF.dequantize_4bit(packed, qs)) + lora(x), [A_r, B_r]),
+            "b": (lambda x: F.linear(x, dense) + lora(x), [A_r, B_r]),
+            "c": (lambda x: bnb.matmul_4bit(x, packed.t(), quant_state=qs) + lora(x), [A_r, B_r]),
+        }, ranks
+
+    def check(self, packed, qs, A, B, ranks, x, dy, mode):
+        """Relative errors of the fused op against the PyTorch reference (y; dx, dA, dB in fwd+bwd)."""
+        torch = self.torch
+        errs = {}
+        outs = []
+        for fn in (self.ref, self.op):
+            xs = x.detach().clone().requires_grad_(mode != "fwd")
+            As = A.detach().clone().requires_grad_(mode != "fwd")
+            Bs = B.detach().clone().requires_grad_(mode != "fwd")
+            if mode == "fwd":
+                with torch.no_grad():
+                    outs.append((fn(xs, packed, qs, None, As, Bs, ranks, ALPHA, "nested", None),))
+            else:
+                y = fn(xs, packed, qs, None, As, Bs, ranks, ALPHA, "nested", None)
+                y.backward(dy)
+                outs.append((y.detach(), xs.grad, As.grad, Bs.grad))
+        for name, r_, t in zip(("y", "dx", "dA", "dB"), *outs):
+            r_, t = r_.float(), t.float()
+            errs[name] = ((r_ - t).abs().max() / r_.abs().max().clamp_min(1e-12)).item()
+            if not math.isfinite(errs[name]):
+                errs[name] = float("inf")
+        return errs
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def record(self, row):
+        self.rows_out.append(row)
+        # written as we go: a crash (e.g. a sticky CUDA error) still leaves the rows so far
+        new = not self.paths["csv"].exists() or len(self.rows_out) == 1
+        with open(self.paths["csv"], "w" if new else "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def run(self) -> int:
+        torch = self.torch
+        started = time.time()
+        print(f"device: {self.gpu}; dtype {self.dtype}; shapes {self.shapes}; M {self.rows}; ranks {self.ranks}")
+        for N, K in self.shapes:
+            try:
+                packed, qs, dense, A, B = self.make_weight(N, K)
+            except Exception as e:  # e.g. out of memory: skip the shape, keep going
+                self.fail_shape(N, K, e)
+                continue
+            for M in self.rows:
+                for r in self.ranks:
+                    self.run_config(N, K, M, r, packed, qs, dense, A, B)
+            del packed, qs, dense, A, B
+            if not self.args.dry_run:
+                torch.cuda.empty_cache()
+        self.finish(time.time() - started)
+        return 0
+
+    def fail_shape(self, N, K, e):
+        print(f"  {N}x{K}: setup failed: {type(e).__name__}: {e}")
+        for M in self.rows:
+            for r in self.ranks:
+                for mode in MODES:
+                    for method in METHODS:
+                        self.record(dict(N=N, K=K, M=M, rank=r, mode=mode, method=method,
+                                         error=f"setup: {type(e).__name__}: {e}"[:300]))
+
+    def run_config(self, N, K, M, r, packed, qs, dense, A, B):
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(M * 31 + r)
+        x, dy = self.randn((M, K), g), self.randn((M, N), g, 0.1)
+        for mode in MODES:
+            label = f"{N}x{K} M={M} r={r} {mode}"
+            errs, err_text = {}, ""
+            try:
+                ranks = torch.full((M,), r, dtype=torch.long, device=self.device)
+                errs = self.check(packed, qs, A, B, ranks, x, dy, mode)
+            except Exception as e:
+                err_text = f"check: {type(e).__name__}: {e}"[:300]
+                traceback.print_exc(limit=3)
+            worst = max(errs.values()) if errs else float("nan")
+            ok = bool(errs) and worst <= TOL[str(self.dtype).split(".")[-1]]
+            fns, _ = (None, None)
+            try:
+                fns, _ = self.methods(packed, qs, dense, A, B, r, M)
+            except Exception as e:
+                err_text = err_text or f"setup: {type(e).__name__}: {e}"[:300]
+            for method in METHODS:
+                row = dict(N=N, K=K, M=M, rank=r, mode=mode, method=method, shape=f"{N}x{K}",
+                           rel_err=worst if method == "qdylora" else "", correct=ok if method == "qdylora" else "",
+                           error="")
+                if method == "qdylora" and err_text:
+                    row["error"] = err_text
+                elif fns is None:
+                    row["error"] = err_text
+                else:
+                    row.update(self.measure(fns[method], mode, method, x, dy, M, N, K, r))
+                self.record(row)
+            mine = self.find(N, K, M, r, mode, "qdylora")
+            summary = " ".join(
+                f"{m}={self.find(N, K, M, r, mode, m).get('time_ms', float('nan')):.4g}ms" for m in METHODS)
+            status = "ok" if ok else ("FAIL " + (err_text or f"rel err {worst:.2e}"))
+            print(f"  {label:34s} {summary}  [{status}]" + (f" ({mine['error']})" if mine.get("error") else ""))
+
+    def measure(self, entry, mode, method, x, dy, M, N, K, r):
+        torch = self.torch
+        fn, leaves = entry
+        try:
+            if mode == "fwd":
+                xi = x
+
+                def call():
+                    with torch.no_grad():
+                        return fn(xi)
+
+                grads = []
+            else:
+                xi = x.detach().clone().requires_grad_()
+
+                def call():
+                    fn(xi).backward(dy)
+
+                grads = [xi, *leaves]
+            t = self.time_ms(call, grads)
+            mem = self.transient_bytes(call, grads)
+            return dict(time_ms=t, tflops=flops(mode, M, N, K, r) / (t * 1e-3) / 1e12,
+                        gbps=nominal_bytes(mode, method, M, N, K) / (t * 1e-3) / 1e9,
+                        transient_mb=mem / 2**20)
+        except Exception as e:
+            if not self.args.dry_run and isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            return dict(error=f"{type(e).__name__}: {e}"[:300])
+
+    def find(self, N, K, M, r, mode, method) -> dict:
+        for row in reversed(self.rows_out):
+            if (row["N"], row["K"], row["M"], row["rank"], row["mode"], row["method"]) == (N, K, M, r, mode, method):
+                return row
+        return {}
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def ratios(self):
+        """One entry per (shape, M, r, mode): speedup of the fused op over each baseline."""
+        out = []
+        for N, K in self.shapes:
+            for M in self.rows:
+                for r in self.ranks:
+                    for mode in MODES:
+                        mine = self.find(N, K, M, r, mode, "qdylora")
+                        entry = dict(shape=f"{N}x{K}", N=N, K=K, M=M, rank=r, mode=mode,
+                                     qdylora_ms=mine.get("time_ms"), correct=mine.get("correct"),
+                                     rel_err=mine.get("rel_err"))
+                        for m in METHODS[1:]:
+                            other = self.find(N, K, M, r, mode, m)
+                            if mine.get("time_ms") and other.get("time_ms"):
+                                entry[f"speedup_vs_{m}"] = other["time_ms"] / mine["time_ms"]
+                        out.append(entry)
+        return out
+
+    def targets(self, ratios):
+        """The issue's H100 targets, checked on every config they apply to."""
+        checks = []
+        for e in ratios:
+            if e["M"] == 4096 and e["mode"] == "fwd+bwd":
+                checks.append((e, "vs (a) >= 1.15x", e.get("speedup_vs_a"), 1.15))
+                checks.append((e, "vs (b) >= 1/1.10", e.get("speedup_vs_b"), 1 / 1.10))
+            if e["M"] <= 16:
+                checks.append((e, "vs (b) >= 3x", e.get("speedup_vs_b"), 3.0))
+                checks.append((e, "vs (c) >= 1.5x", e.get("speedup_vs_c"), 1.5))
+        return [dict(shape=e["shape"], M=e["M"], rank=e["rank"], mode=e["mode"], target=name,
+                     value=v, met=(v is not None and v >= need)) for e, name, v, need in checks]
+
+    def finish(self, seconds):
+        torch = self.torch
+        ratios = self.ratios()
+        targets = self.targets(ratios)
+        import bitsandbytes
+        import triton
+
+        meta = dict(gpu=self.gpu, dtype=str(self.dtype), seconds=round(seconds, 1),
+                    torch=torch.__version__, triton=triton.__version__, bitsandbytes=bitsandbytes.__version__,
+                    date=time.strftime("%Y-%m-%d %H:%M:%S"), quick=self.args.quick, dry_run=self.args.dry_run,
+                    r_alloc=self.r_alloc, alpha=ALPHA, methods=METHOD_NAMES)
+        with open(self.paths["json"], "w") as f:
+            json.dump(_clean(dict(meta=meta, rows=self.rows_out, ratios=ratios, targets=targets)), f, indent=1)
+        try:
+            self.plot(ratios)
+        except Exception as e:  # a missing matplotlib must not lose the numbers
+            print(f"plot failed: {type(e).__name__}: {e}")
+
+        print()
+        print(f"{'shape':12s} {'M':>5s} {'r':>3s} {'mode':8s} {'fused ms':>9s} {'vs a':>6s} {'vs b':>6s} "
+              f"{'vs c':>6s} {'rel err':>8s} {'MiB':>7s}")
+        for e in ratios:
+            mine = self.find(e["N"], e["K"], e["M"], e["rank"], e["mode"], "qdylora")
+
+            def fmt(v, spec):
+                return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+            print(f"{e['shape']:12s} {e['M']:5d} {e['rank']:3d} {e['mode']:8s} {fmt(e['qdylora_ms'], '9.4f')} "
+                  f"{fmt(e.get('speedup_vs_a'), '6.2f')} {fmt(e.get('speedup_vs_b'), '6.2f')} "
+                  f"{fmt(e.get('speedup_vs_c'), '6.2f')} {fmt(e['rel_err'] if e['rel_err'] != '' else None, '8.1e')} "
+                  f"{fmt(mine.get('transient_mb'), '7.1f')}" + ("" if e.get("correct") else "  INCORRECT/ERROR"))
+        met = sum(t["met"] for t in targets)
+        print(f"\nH100 targets met: {met}/{len(targets)} (speedup = baseline time / fused time)"
+              + (" -- meaningless in a dry run" if self.args.dry_run else ""))
+        missed = [t for t in targets if not t["met"]]
+        for t in missed[: 0 if self.args.dry_run else 12]:
+            v = "-" if t["value"] is None else f"{t['value']:.2f}"
+            print(f"  missed: {t['shape']} M={t['M']} r={t['rank']} {t['mode']}: {t['target']} (got {v})")
+        if len(missed) > 12 and not self.args.dry_run:
+            print(f"  ... and {len(missed) - 12} more (see the JSON)")
+        errors = [r for r in self.rows_out if r.get("error")]
+        if errors:
+            print(f"\n{len(errors)} measurements failed, e.g. {errors[0]['method']} {errors[0]['N']}x{errors[0]['K']} "
+                  f"M={errors[0]['M']}: {errors[0]['error']}")
+        print(f"\nwrote {self.paths['csv']}, {self.paths['json']}, {self.paths['png']} ({seconds:.0f} s)")
+
+    def plot(self, ratios):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(MODES), 1, figsize=(max(8, 0.45 * len(ratios)), 8), squeeze=False)
+        for ax, mode in zip(axes[:, 0], MODES):
+            es = [e for e in ratios if e["mode"] == mode]
+            xs = range(len(es))
+            for i, m in enumerate(METHODS[1:]):
+                ax.bar([x + (i - 1) * 0.27 for x in xs], [e.get(f"speedup_vs_{m}") or 0 for e in es], width=0.27,
+                       label=f"vs ({m}) {METHOD_NAMES[m]}")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels([f"{e['shape']}\nM={e['M']} r={e['rank']}" for e in es], rotation=90, fontsize=7)
+            ax.set_ylabel("speedup of fused op")
+            ax.set_title(f"{mode} ({self.gpu}, {self.dtype})")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.paths["png"], dpi=110)
+        plt.close(fig)
+
+
+def _clean(o):
+    """JSON-safe copy: non-finite floats become null, unknown objects their str()."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (bool, int, str)):
+        return o
+    return str(o)
+
+
+CSV_FIELDS = ["shape", "N", "K", "M", "rank", "mode", "method", "time_ms", "tflops", "gbps", "transient_mb",
+              "rel_err", "correct", "error"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
