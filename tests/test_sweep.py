@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from test_mmlu import QLORA_ROWS, tiny_llama, tiny_qdylora, tiny_tokenizer, write_jsonl  # noqa: E402
 
 from qdylora.config import ConfigError  # noqa: E402
-from qdylora.eval.loss_eval import encode_records, evaluate_examples, evaluate_loss  # noqa: E402
+from qdylora.eval.loss_eval import encode_records, evaluate_loss  # noqa: E402
 
 RECORDS = [
     {"instruction": "Name the colour of the sky.", "input": "", "output": "blue"},
