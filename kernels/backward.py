@@ -60,7 +60,7 @@ def _dx_kernel(
     rn0 = tl.arange(0, BLOCK_N)
     offset = tl.load(offset_ptr)
     table = nf4_table(code_ptr, BLOCK_N)
-    w_ptrs = nf4_row_ptrs(packed_ptr, rn0, K, BLOCK_K) + k0 // 2
+    w_ptrs = nf4_row_ptrs(packed_ptr, rn0, K, BLOCK_K) + k0 // 8
     dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn0[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -69,7 +69,7 @@ def _dx_kernel(
         rn = n0 + rn0
         rmask = rn < N
         # next rows' weight bytes first, so their latency hides behind this tile's work
-        packed_next = tl.load(w_ptrs + (n0 + BLOCK_N) * (K // 2), mask=(rn + BLOCK_N < N)[:, None], other=0)
+        packed_next = tl.load(w_ptrs + (n0 + BLOCK_N) * (K // 8), mask=(rn + BLOCK_N < N)[:, None], other=0)
         am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
         # W[n0:n0+BLOCK_N, k0:k0+BLOCK_K] is already the [reduction, output] operand
         w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
@@ -146,15 +146,15 @@ def _dx_splitn_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         offset = tl.load(offset_ptr)
         table = nf4_table(code_ptr, BLOCK_N)
-        w_ptrs = nf4_row_ptrs(packed_ptr, rn0, K, BLOCK_K) + k0 // 2
+        w_ptrs = nf4_row_ptrs(packed_ptr, rn0, K, BLOCK_K) + k0 // 8
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        packed = tl.load(w_ptrs + n_lo * (K // 2), mask=(n_lo + rn0 < n_hi)[:, None], other=0)
+        packed = tl.load(w_ptrs + n_lo * (K // 8), mask=(n_lo + rn0 < n_hi)[:, None], other=0)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             rn = n0 + rn0
             rmask = rn < N
             # the weight bytes are the stream this kernel is bound by: request the next
             # rows' before decoding these
-            packed_next = tl.load(w_ptrs + (n0 + BLOCK_N) * (K // 2), mask=(rn + BLOCK_N < n_hi)[:, None], other=0)
+            packed_next = tl.load(w_ptrs + (n0 + BLOCK_N) * (K // 8), mask=(rn + BLOCK_N < n_hi)[:, None], other=0)
             am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
             w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
             dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :], mask=(rm < M)[:, None] & rmask[None, :], other=0.0)

@@ -79,7 +79,7 @@ def _fwd_kernel(
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides K: no column masks
         # next tile's weight bytes first, so their latency hides behind this tile's work (the
         # per-row form of the bound keeps the CPU interpreter happy; it is uniform per row)
-        packed_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 2, mask=(rmask & (0 * rn + k0 + BLOCK_K < K))[:, None], other=0)
+        packed_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 8, mask=(rmask & (0 * rn + k0 + BLOCK_K < K))[:, None], other=0)
         am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
         w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
         x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
@@ -158,11 +158,11 @@ def _fwd_splitk_kernel(
         table = nf4_table(code_ptr, BLOCK_N)
         w_ptrs = nf4_row_ptrs(packed_ptr, rn, K, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        packed = tl.load(w_ptrs + k_lo // 2, mask=rmask[:, None], other=0)
+        packed = tl.load(w_ptrs + k_lo // 8, mask=rmask[:, None], other=0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             # the weight bytes are the stream this kernel is bound by: request the next
             # tile's before decoding this one
-            packed_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 2, mask=(rmask & (0 * rn + k0 + BLOCK_K < k_hi))[:, None], other=0)
+            packed_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 8, mask=(rmask & (0 * rn + k0 + BLOCK_K < k_hi))[:, None], other=0)
             am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rn, rmask, k0, K, BLOCK_K, NESTED, BLOCKSIZE2)
             w = nf4_decode(packed, am, table, BLOCK_N, BLOCK_K, dtype, LUT_ASM)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)

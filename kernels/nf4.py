@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET
-from .lut import lut_asm
+from .lut import LUT_CONSTRAINTS, lut_asm
 
 QBLOCK = 64  # the only bitsandbytes blocksize the kernels read; others fall back to the reference
 INT32_MAX = 2**31 - 1
@@ -30,7 +30,7 @@ INT32_MAX = 2**31 - 1
 class NF4Weight:
     """The tensors of one NF4 weight, as the kernels take them (all on the weight's device)."""
 
-    packed: torch.Tensor  # uint8 [N*K/2]
+    packed: torch.Tensor  # int32 [N*K/8]: the packed bytes read 4 at a time
     absmax: torch.Tensor  # uint8 [N*K/64] when nested, else fp32
     code: torch.Tensor  # fp32 [16], the NF4 values
     code2: torch.Tensor  # fp32 [256], state2.code (a 1-element dummy when not nested)
@@ -77,6 +77,8 @@ def unsupported_reason(x, weight, quant_state, bias, lora_A, lora_B, x_lora, int
         return f"in_features {K} is not a multiple of {QBLOCK}"
     if weight.dtype != torch.uint8 or weight.numel() * 2 != N * K or (weight.dim() == 2 and weight.shape[0] == 1):
         return f"weight {tuple(weight.shape)} {weight.dtype} is not bitsandbytes' packed [N*K/2, 1] uint8 layout"
+    if weight.storage_offset() % 4 != 0 or not weight.is_contiguous():
+        return "the packed weight is not a contiguous, 4-byte aligned buffer"
     if N * K // 2 > INT32_MAX or x.numel() > INT32_MAX or x.shape[0] * N > INT32_MAX:
         return "tensors too large for the kernels' 32-bit offsets"
     if x.shape[1] != K:
@@ -111,7 +113,8 @@ def nf4_weight(weight: torch.Tensor, quant_state) -> NF4Weight:
         absmax = qs.absmax.to(torch.float32).contiguous()
         code2 = absmax2 = offset = torch.zeros(1, dtype=torch.float32, device=dev)
         blocksize2 = 1
-    return NF4Weight(weight.reshape(-1), absmax, code, code2, absmax2, offset, blocksize2, qs.nested, N, K)
+    packed = weight.reshape(-1).view(torch.int32)
+    return NF4Weight(packed, absmax, code, code2, absmax2, offset, blocksize2, qs.nested, N, K)
 
 
 @triton.jit
@@ -122,14 +125,15 @@ def nf4_table(code_ptr, BR: tl.constexpr):
 
 @triton.jit
 def nf4_row_ptrs(packed_ptr, rows, K, BK: tl.constexpr):
-    """Pointers [BR, BK/2] to the packed bytes of W[rows, 0:BK]; add k0 // 2 to move along K.
+    """Pointers [BR, BK/8] to the packed words (4 bytes, 8 weights) of W[rows, 0:BK]; add k0 // 8
+    to move along K.
 
     The loops load these tiles themselves, one tile ahead of the decode: Triton's pipeliner
     does not stage a load whose result reaches the dot only through the lookup, so the next
-    tile's bytes are requested before this one is decoded. Every kernel picks BK dividing K
+    tile's words are requested before this one is decoded. Every kernel picks BK dividing K
     (K % 64 == 0), so only rows are masked and the loads stay 16-byte vectors.
     """
-    return packed_ptr + rows[:, None] * (K // 2) + tl.arange(0, BK // 2)[None, :]
+    return packed_ptr + rows[:, None] * (K // 8) + tl.arange(0, BK // 8)[None, :]
 
 
 @triton.jit
@@ -148,9 +152,29 @@ def nf4_absmax(
 
 
 @triton.jit
-def nf4_decode(packed, am, table, BR: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, LUT_ASM: tl.constexpr):
-    """W tile [BR, BK] in DTYPE from packed bytes [BR, BK/2], absmax [BR, BK/64] and nf4_table(BR).
+def _interleave8(o0, o1, o2, o3, o4, o5, o6, o7, BR: tl.constexpr, BK: tl.constexpr):
+    """Eight [BR, BK/8] tensors -> [BR, BK] with element 8t+i taken from o_i[:, t].
 
+    Each join adds a new fastest dimension, so the last join picks the lowest bit of i: element
+    4x+2y+z ends up in join(join(.., ..)_z, ..) as o_{4x+2y+z}. In registers this is a relabeling:
+    each thread's consecutive weights stay together for the dot operand.
+    """
+    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(w, (BR, BK))
+
+
+@triton.jit
+def _gather_nibbles(words, table, j: tl.constexpr):
+    """(value of the high nibble, of the low nibble) of byte j of each packed word, fp32."""
+    byte = (words >> (8 * j)) & 0xFF
+    return tl.gather(table, byte >> 4, 1), tl.gather(table, byte & 15, 1)
+
+
+@triton.jit
+def nf4_decode(words, am, table, BR: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, LUT_ASM: tl.constexpr):
+    """W tile [BR, BK] in DTYPE from packed words [BR, BK/8], absmax [BR, BK/64], nf4_table(BR).
+
+    Byte j of a word holds elements 2j (high nibble) and 2j+1 (low nibble).
     LUT_ASM: the PTX of lut.lut_asm(DTYPE) (compiled bf16/fp16 kernels), or "" for the exact
     path (a gather from the 16 values in registers, fp32 product rounded once, like
     bitsandbytes): fp32 inputs and the CPU interpreter, which cannot run inline PTX.
@@ -158,17 +182,18 @@ def nf4_decode(packed, am, table, BR: tl.constexpr, BK: tl.constexpr, DTYPE: tl.
     other operand of the dot to zero, which costs less than a select per weight.
     """
     G: tl.constexpr = BK // 64
-    # byte j holds element 2j in the high nibble and 2j+1 in the low one
     if LUT_ASM == "":
-        hi = tl.gather(table, (packed >> 4).to(tl.int32), 1)
-        lo = tl.gather(table, (packed & 15).to(tl.int32), 1)
+        o0, o1 = _gather_nibbles(words, table, 0)
+        o2, o3 = _gather_nibbles(words, table, 1)
+        o4, o5 = _gather_nibbles(words, table, 2)
+        o6, o7 = _gather_nibbles(words, table, 3)
         scale = am
     else:
-        hi, lo = tl.inline_asm_elementwise(
-            LUT_ASM, "=r,=r,=r,=r,r", [packed], dtype=(DTYPE.value, DTYPE.value), is_pure=True, pack=4
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            LUT_ASM, LUT_CONSTRAINTS, [words], dtype=(DTYPE.value,) * 8, is_pure=True, pack=1
         )
         scale = am.to(DTYPE)
-    vals = tl.reshape(tl.join(hi, lo), (BR, BK))  # interleave back to element order
+    vals = _interleave8(o0, o1, o2, o3, o4, o5, o6, o7, BR, BK)
     if G == 1:
         w = vals * scale
     else:
@@ -184,7 +209,7 @@ def _decode_kernel(
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < N
     k0 = tl.program_id(1) * BK
-    packed = tl.load(nf4_row_ptrs(packed_ptr, rows, K, BK) + k0 // 2, mask=rmask[:, None], other=0)
+    packed = tl.load(nf4_row_ptrs(packed_ptr, rows, K, BK) + k0 // 8, mask=rmask[:, None], other=0)
     am = nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, tl.load(offset_ptr), rows, rmask, k0, K, BK, NESTED, BLOCKSIZE2)
     w = nf4_decode(packed, am, nf4_table(code_ptr, BR), BR, BK, out_ptr.dtype.element_ty, LUT_ASM)
     tl.store(out_ptr + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :], w, mask=rmask[:, None])

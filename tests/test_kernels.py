@@ -137,7 +137,8 @@ def test_decoder_matches_bitsandbytes(N, K, block_k, nested):
 
 
 def _run_ptx(asm: str, inputs: list[int], n_out: int) -> list[int]:
-    """A tiny PTX interpreter for the instructions lut.lut_asm emits (mov/and/or/shr/prmt.b32)."""
+    """A tiny PTX interpreter for what lut.lut_asm emits: mov/and/add/shr/prmt.b32 and the
+    unpacking `mov.b32 {lo, hi}, r` into 16-bit outputs."""
     regs = {f"${n_out + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
 
     def val(tok):
@@ -148,13 +149,19 @@ def _run_ptx(asm: str, inputs: list[int], n_out: int) -> list[int]:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            lo_hi, src = rest[1:].split("}")
+            lo, hi = (t.strip() for t in lo_hi.split(","))
+            v = val(src.strip(" ,"))
+            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+            continue
         a = [t.strip() for t in rest.split(",")]
         if op == "mov.b32":
             r = val(a[1])
         elif op == "and.b32":
             r = val(a[1]) & val(a[2])
-        elif op == "or.b32":
-            r = val(a[1]) | val(a[2])
+        elif op == "add.u32":
+            r = val(a[1]) + val(a[2])
         elif op == "shr.b32":
             r = val(a[1]) >> val(a[2])
         elif op == "prmt.b32":  # default mode: 4 selectors of 4 bits over the 8 bytes {b, a}
@@ -174,10 +181,11 @@ def _run_ptx(asm: str, inputs: list[int], n_out: int) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ptx_lookup_decodes_every_byte(dtype):
     """The inline-PTX lookup of the compiled kernels (not runnable in the interpreter), emulated:
-    every byte value in every position of the packed word gives the code values of its nibbles."""
-    from qdylora_kernels.lut import NF4_VALUES, lut_asm
+    every byte value in every position of a packed word gives its two code values, in order."""
+    from qdylora_kernels.lut import LUT_CONSTRAINTS, NF4_VALUES, lut_asm
 
     assert torch.equal(torch.tensor(NF4_VALUES), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert LUT_CONSTRAINTS.value.count("=h") == 8
     want = (torch.tensor(NF4_VALUES).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
     asm = lut_asm(dtype)
     g = torch.Generator().manual_seed(0)
@@ -185,12 +193,10 @@ def test_ptx_lookup_decodes_every_byte(dtype):
         for b in range(256):
             rest = int(torch.randint(0, 2**32, (1,), generator=g, dtype=torch.int64))
             word = (rest & ~(0xFF << 8 * pos)) | b << 8 * pos
-            hi01, hi23, lo01, lo23 = _run_ptx(asm, [word], 4)
-            his = [hi01 & 0xFFFF, hi01 >> 16, hi23 & 0xFFFF, hi23 >> 16]
-            los = [lo01 & 0xFFFF, lo01 >> 16, lo23 & 0xFFFF, lo23 >> 16]
-            for i in range(4):
-                byte = (word >> 8 * i) & 0xFF
-                assert (his[i], los[i]) == (want[byte >> 4], want[byte & 15]), (hex(word), i)
+            out = _run_ptx(asm, [word], 8)
+            for j in range(4):
+                byte = (word >> 8 * j) & 0xFF
+                assert (out[2 * j], out[2 * j + 1]) == (want[byte >> 4], want[byte & 15]), (hex(word), j)
 
 
 def test_kernels_compile_for_hopper():
