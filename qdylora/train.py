@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -240,7 +240,9 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     qcfg: QDyLoRAConfig | None = layers[0].qdylora_config if layers else None
     rank_cb = _RankCallback(model, RankSampler(qcfg) if qcfg else None)
     stop_cb = _InterruptCallback()
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    # without a tokenizer the examples must already have equal lengths (benchmarks, GPU tests)
+    collator = (DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+                if tokenizer is not None else default_data_collator)
     trainer = QDyLoRATrainer(model=model, args=_training_args(cfg, output_dir), train_dataset=train_dataset,
                              data_collator=collator, callbacks=[rank_cb, stop_cb])
     trainer.remove_callback(ProgressCallback)
