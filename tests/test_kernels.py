@@ -4,10 +4,15 @@ Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) on
 in fp32 and fp16 (bf16 is broken in the interpreter). With CUDA the same tests run compiled on
 the GPU, plus the bf16 tests at real sizes marked `gpu`.
 
-TRITON_INTERPRET is read when triton.jit decorates a kernel (when qdylora_kernels is
-imported) and again by the interpreter while it runs: it is set around that import and, by a
-module fixture, while this file's tests run, and restored otherwise, so the other test files
-(which never import qdylora_kernels on CPU) see the environment unchanged.
+TRITON_INTERPRET must be set when triton itself is imported (its standard library is
+decorated then) and while the interpreter runs. Three cases, decided at import:
+- "gpu": CUDA available, compiled kernels;
+- "interpreter": TRITON_INTERPRET already set, or triton not imported yet (this file run
+  alone): the variable is set around the import of qdylora_kernels and, by a module fixture,
+  while this file's tests run, and restored otherwise;
+- "subprocess": triton was already imported without the interpreter (the whole suite, where
+  bitsandbytes imports it first): every test here is skipped in-process and
+  test_interpreter_suite_in_subprocess runs this file in a child Python with the variable set.
 """
 
 from __future__ import annotations
@@ -24,8 +29,19 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-def _import_kernels():
+def _mode() -> str:
     if CUDA:
+        return "gpu"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or "triton" not in sys.modules:
+        return "interpreter"
+    return "subprocess"
+
+
+MODE = _mode()
+
+
+def _import_kernels():
+    if MODE != "interpreter":
         import qdylora_kernels
 
         return qdylora_kernels
@@ -49,12 +65,28 @@ qk = _import_kernels()
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_env():
-    if CUDA:
+    if MODE != "interpreter":
         yield
         return
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _only_in_child(request):
+    if MODE == "subprocess" and request.node.name != "test_interpreter_suite_in_subprocess":
+        pytest.skip("triton was imported without the interpreter: run by test_interpreter_suite_in_subprocess")
+
+
+@pytest.mark.skipif(MODE != "subprocess", reason="only when triton was imported before this file")
+def test_interpreter_suite_in_subprocess():
+    """This file, in a child Python where triton is imported under the interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
 
 import bitsandbytes.functional as bnbF  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
