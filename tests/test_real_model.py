@@ -30,7 +30,7 @@ def test_smollm2_alpaca_loss_falls_and_every_rank_evaluates(tmp_path):
     random.Random(0).shuffle(recs)
     train_ds = build_dataset(recs[:24], tok, 64)
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
-    seen = collate(list(train_ds.select(range(8))))  # training examples: their loss must fall
+    seen = collate(list(train_ds.select(range(4))))  # training examples: their loss must fall
     held = collate(list(build_dataset(recs[4000:4004], tok, 64)))
     model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, seed=0))
     before = _loss(model, seen)  # B = 0: the base model's loss, the same at every rank
@@ -40,12 +40,13 @@ def test_smollm2_alpaca_loss_falls_and_every_rank_evaluates(tmp_path):
     log = read_log(tmp_path / "run")
     assert len(log) == 24 and len({r["rank"] for r in log}) > 10
     after, held_loss = {}, {}
-    for r in range(1, 65):
+    for r in range(1, 65):  # every rank of the one adapter evaluates
         set_rank(model, r)
         after[r] = _loss(model, seen)
-        held_loss[r] = _loss(model, held)
+        if r in (1, 8, 64):
+            held_loss[r] = _loss(model, held)
     print("training-batch loss: base", before, {r: round(after[r], 3) for r in (1, 2, 4, 8, 16, 32, 64)})
-    print("held-out loss:", {r: round(held_loss[r], 3) for r in (1, 2, 4, 8, 16, 32, 64)})
+    print("held-out loss:", held_loss)
     assert all(torch.isfinite(torch.tensor(list(after.values()) + list(held_loss.values()))))
     for r in (1, 8, 64):
         assert after[r] < before, (r, before, after[r])
