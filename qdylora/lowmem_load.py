@@ -1,0 +1,334 @@
+"""Quantize to NF4 while loading, one tensor at a time, so memory stays near the 4-bit size.
+
+``load_quantized_sharded(folder)`` builds the model on the meta device from ``config.json``,
+then walks the safetensors shards (``model.safetensors.index.json`` + shards, or a single
+``model.safetensors``) with ``safetensors.safe_open``, reading one tensor at a time. A linear's
+weight is quantized with :func:`qdylora.quantize.quantize_linear` as soon as it (and its bias)
+has been read, and the full-precision copy is dropped at once; every other tensor (embeddings,
+norms, the LM head) is placed on the target device in its stored dtype.
+
+Memory needed (P = parameters of the quantized linears, U = the other parameters, s = bytes per
+stored value, 2 for bf16):
+
+- target device: the final model, about ``0.52 * P + s * U`` bytes, plus one linear's weight in
+  full precision while it is quantized (``s * out * in``, and an fp32 copy of it on the CPU path).
+- CPU RAM when loading to a GPU: one tensor at a time (``s * out * in`` for the largest linear) plus
+  the pages of the shard being read, which the OS can drop (they are a read-only file mapping).
+- CPU RAM when loading to the CPU: the final model (as above) plus one linear and one shard's
+  pages; never the bf16 size of the whole model. The tests check peak RSS < half the bf16 size.
+
+``quantize_random_init(config, device)`` does the same without a checkpoint: each linear gets
+a random bf16 weight drawn directly on the device, is quantized and freed (for benchmarks of
+models, such as Falcon-40B, whose weights are not at hand).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .quantize import DEFAULT_SKIP_MODULES, default_compute_dtype, quantize_linear
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantizable_linears(model: nn.Module, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> list[str]:
+    """Names of the linears to store in NF4 (isinstance, so subclasses such as FalconLinear count)."""
+    import bitsandbytes as bnb
+
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, bnb.nn.Linear4bit) and not _is_skipped(n, skip_modules)]
+
+
+def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of `config` with parameters on the meta device (buffers such as RoPE tables are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer `name` by `value` (frozen)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise KeyError(f"{name} is neither a parameter nor a buffer of the model")
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it, so RSS would creep up by the
+    size of every full-precision weight quantized so far); a no-op elsewhere."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+# values per chunk when quantizing on the CPU: bitsandbytes' CPU kernel needs ~15 B of scratch per value
+CPU_CHUNK_VALUES = 1 << 18
+
+
+def quantize_linear_chunked(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                            chunk_values: int = CPU_CHUNK_VALUES):
+    """NF4 Linear4bit on the CPU, bit-identical to quantize_linear, quantized a few rows at a time.
+
+    NF4 blocks (64 values) are independent, so the packed data and the first-level absmax of
+    row chunks concatenate to those of the whole weight; the nested quantization of the absmax
+    (offset = its mean, blocks of 256) is then done once on the whole absmax, as bitsandbytes does.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from .quantize import NESTED_BLOCKSIZE, NF4_BLOCKSIZE
+
+    out_f, in_f = weight.shape
+    flat = weight.detach().contiguous().reshape(-1)
+    n = flat.numel()
+    step = max(NF4_BLOCKSIZE, chunk_values // NF4_BLOCKSIZE * NF4_BLOCKSIZE)
+    packed, absmax = [], []
+    for start in range(0, n, step):
+        q, st = F.quantize_4bit(flat[start:start + step], blocksize=NF4_BLOCKSIZE, compress_statistics=False,
+                                quant_type="nf4", quant_storage=torch.uint8)
+        packed.append(q.reshape(-1))
+        absmax.append(st.absmax)
+    absmax_all = torch.cat(absmax)
+    offset = absmax_all.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax_all - offset, blocksize=NESTED_BLOCKSIZE)
+    state = F.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=NF4_BLOCKSIZE,
+                         code=F.get_4bit_type("nf4", device=weight.device), quant_type="nf4", offset=offset,
+                         state2=state2)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(torch.cat(packed).unsqueeze(1), requires_grad=False, quant_state=state,
+                                     blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4",
+                                     quant_storage=torch.uint8, module=layer, bnb_quantized=True)
+    layer.quant_state = state
+    layer.support_avx512bf16_for_cpu = False  # as quantize_linear: keep bnb's standard layout on the CPU
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype=compute_dtype), requires_grad=False)
+    return layer
+
+
+def _quantize_from(model: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                   device: torch.device, compute_dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> None:
+    """Quantize one linear from its loaded weight/bias and put the NF4 layer in its place."""
+    if device.type == "cpu" and weight.device.type == "cpu":
+        _replace_module(model, name, quantize_linear_chunked(weight, bias, compute_dtype, chunk_values))
+        del weight, bias
+        _trim_heap()
+        return
+    old = model.get_submodule(name)
+    lin = nn.Linear(old.in_features, old.out_features, bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    _replace_module(model, name, quantize_linear(lin, device, compute_dtype))
+
+
+def _tie_or_check(model: nn.Module) -> None:
+    """Tie the LM head to the embedding when the config says so and the checkpoint left it out."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if head is not None and embed is not None and getattr(head, "weight", None) is not None:
+        if head.weight.device.type == "meta":
+            if not tied:
+                raise ValueError("the checkpoint has no LM head weight and the config does not tie it to the "
+                                 "embeddings; the checkpoint is incomplete")
+            head.weight = embed.weight
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+        raise ValueError(f"{left[0]}{more} not in the checkpoint; the checkpoint does not match its config.json "
+                         "(re-save the model with save_pretrained)")
+
+
+def _shard_plan(folder: Path) -> dict[str, list[str]]:
+    """Shard file -> tensor names, from the index or the single file."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files: dict[str, list[str]] = defaultdict(list)
+        for key, fname in weight_map.items():
+            files[fname].append(key)
+        return dict(files)
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {SINGLE_NAME: list(f.keys())}
+    raise FileNotFoundError(f"{folder} has neither {INDEX_NAME} nor {SINGLE_NAME}; save the model with "
+                            "save_pretrained(..., safe_serialization=True)")
+
+
+def load_quantized_sharded(
+    path_or_folder: str | os.PathLike,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A causal LM from a (sharded) safetensors folder, each linear quantized to NF4 as it is read.
+
+    `dtype` converts the unquantized parameters (default: as stored); the quantized linears are
+    quantized from their stored values. Peak memory: see the module docstring.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = Path(path_or_folder)
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass the folder written by save_pretrained")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    config = AutoConfig.from_pretrained(str(folder))
+    model = build_meta_model(config, dtype)
+    targets = set(quantizable_linears(model, skip_modules))
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # linear -> the parts read so far
+    read_on = str(device) if device.type == "cuda" else "cpu"
+    for fname, keys in _shard_plan(folder).items():
+        with safe_open(str(folder / fname), framework="pt", device=read_on) as f:
+            for key in keys:
+                name = key if key in params else _match_key(key, params)
+                if name is None:  # stray keys (old rotary caches ...) are ignored, as transformers does
+                    continue
+                mod_name, _, attr = name.rpartition(".")
+                if mod_name in targets and attr in ("weight", "bias"):
+                    parts = pending.setdefault(mod_name, {})
+                    parts[attr] = f.get_tensor(key)
+                    lin = model.get_submodule(mod_name)
+                    if "weight" in parts and (lin.bias is None or "bias" in parts):
+                        _quantize_from(model, mod_name, parts["weight"], parts.get("bias"), device, compute_dtype)
+                        del pending[mod_name]  # drop the full-precision copy now
+                    continue
+                t = f.get_tensor(key)
+                # copy=True: a CPU tensor would otherwise keep the shard's file mapping (and every
+                # page read from it) alive for the life of the model
+                t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                         copy=True)
+                _set_tensor(model, name, t)
+    if pending:
+        raise ValueError(f"linears {sorted(pending)[:3]} are missing their weight in the checkpoint")
+    _tie_or_check(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)  # buffers built on the CPU (RoPE tables)
+    model.is_loaded_in_4bit = True
+    model.config._name_or_path = str(folder)
+    model.eval()
+    return model
+
+
+def _match_key(key: str, params: dict) -> str | None:
+    """Checkpoint key -> model name when they differ only by the base-model prefix."""
+    for cand in (key.partition(".")[2], "model." + key, "transformer." + key):
+        if cand in params:
+            return cand
+    return None
+
+
+def quantize_random_init(
+    config,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES,
+    seed: int = 0,
+    std: float = 0.02,
+    progress: Callable[[int, int], None] | None = None,
+) -> nn.Module:
+    """A model of `config` with random weights, each linear drawn on `device` and quantized at once.
+
+    Peak memory on the device: the final NF4 model plus one linear in `dtype`; CPU RAM stays small.
+    `progress(done, total)` is called after each quantized linear.
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    model = build_meta_model(config, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    names = quantizable_linears(model, skip_modules)
+    for i, name in enumerate(names):
+        lin = model.get_submodule(name)
+        w = torch.randn(lin.out_features, lin.in_features, generator=gen, device=device, dtype=dtype).mul_(std)
+        b = torch.zeros(lin.out_features, device=device, dtype=dtype) if lin.bias is not None else None
+        # on the CPU, large chunks: bitsandbytes' CPU quantizer costs ~0.1 s per call
+        _quantize_from(model, name, w, b, device, compute_dtype, chunk_values=1 << 24)
+        del w, b
+        if progress is not None:
+            progress(i + 1, len(names))
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tie = bool(getattr(config, "tie_word_embeddings", False)) and head is not None and embed is not None
+    for name, p in list(model.named_parameters()):
+        if p.device.type != "meta" or (tie and p is head.weight):
+            continue
+        if p.dim() == 1:  # norm scales 1, biases 0: a well-behaved random model
+            value = torch.ones if name.endswith("weight") else torch.zeros
+            t = value(p.shape, device=device, dtype=dtype)
+        else:
+            t = torch.randn(p.shape, generator=gen, device=device, dtype=dtype).mul_(std)
+        _set_tensor(model, name, t)
+    if tie and head.weight.device.type == "meta":
+        head.weight = embed.weight
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def nf4_model_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and 4-bit states occupy (for checks and reports)."""
+    from .planner import quantized_bytes
+    import bitsandbytes as bnb
+
+    q_ids = set()
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            q_ids.add(id(m.weight))
+            if m.bias is not None:
+                q_ids.add(id(m.bias))
+    seen, other = set(), 0
+    for p in model.parameters():
+        if id(p) in q_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        other += p.numel() * p.element_size()
+    return quantized_bytes(model) + other
+
+
+__all__ = ["load_quantized_sharded", "quantize_random_init", "quantizable_linears", "build_meta_model",
+           "nf4_model_bytes"]
