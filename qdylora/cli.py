@@ -33,9 +33,9 @@ def _add_train(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per sequence (longer ones are cut)")
     p.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--optim", default="paged_adamw_32bit",
-                   choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"],
-                   help="optimizer (bitsandbytes paged AdamW by default; unpaged on CPU)")
+    p.add_argument("--optim", default="auto",
+                   choices=["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"],
+                   help="optimizer; auto = bitsandbytes paged AdamW 32-bit on CUDA, torch AdamW on CPU")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (faster, more memory)")
     p.add_argument("--save-steps", type=int, default=20, help="write a checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")

@@ -28,7 +28,7 @@ from .rank_sampler import RankSampler
 LOG_NAME = "train_log.jsonl"
 RUN_NAME = "run_config.json"
 ADAPTER_SUBDIR = "adapter"
-OPTIMIZERS = {"paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"}
+OPTIMIZERS = {"auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"}
 
 
 class TrainingError(RuntimeError):
@@ -47,7 +47,9 @@ class TrainConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3  # QLoRA's value
-    optim: str = "paged_adamw_32bit"
+    # auto: bitsandbytes paged AdamW 32-bit on CUDA; torch's AdamW on CPU, where bnb's paged optimizer
+    # is unpaged anyway and steps each of the many small adapter tensors one Python call at a time
+    optim: str = "auto"
     gradient_checkpointing: bool = True
     save_steps: int = 20
     logging_steps: int = 1
@@ -213,6 +215,13 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: b
     return None
 
 
+def resolve_optim(optim: str) -> str:
+    """The transformers optimizer name for `optim` ('auto': paged AdamW 32-bit on CUDA, torch AdamW on CPU)."""
+    if optim != "auto":
+        return optim
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
 def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported() if cfg.bf16 is None else cfg.bf16
@@ -220,7 +229,7 @@ def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
         output_dir=output_dir, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine", weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, optim=cfg.optim, bf16=bf16,
+        max_grad_norm=cfg.max_grad_norm, optim=resolve_optim(cfg.optim), bf16=bf16,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         save_strategy="steps", save_steps=cfg.save_steps, logging_steps=cfg.logging_steps,

@@ -35,7 +35,7 @@ def test_smollm2_alpaca_loss_falls_and_every_rank_evaluates(tmp_path):
     model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, seed=0))
     before = _loss(model, seen)  # B = 0: the base model's loss, the same at every rank
     cfg = TrainConfig(max_steps=24, batch_size=2, max_seq_len=64, learning_rate=1e-3, warmup_steps=2,
-                      gradient_checkpointing=False, save_steps=100, optim="paged_adamw_32bit")
+                      gradient_checkpointing=False, save_steps=100, optim="auto")
     train_model(model, tok, train_ds, cfg, tmp_path / "run")
     log = read_log(tmp_path / "run")
     assert len(log) == 24 and len({r["rank"] for r in log}) > 10
