@@ -10,12 +10,12 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, ConfigError, QDyLoRAConfig
 from .layer import DyLoRALinear, is_4bit_linear
-from .quantize import DEFAULT_SKIP_MODULES
+from .quantize import DEFAULT_SKIP_MODULES, is_plain_linear
 
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules()
-            if (is_4bit_linear(m) or type(m) is nn.Linear) and n.rpartition(".")[2] not in DEFAULT_SKIP_MODULES]
+            if (is_4bit_linear(m) or is_plain_linear(m)) and n.rpartition(".")[2] not in DEFAULT_SKIP_MODULES]
 
 
 def resolve_targets(model: nn.Module, targets: Iterable[str] | None) -> list[str]:

@@ -68,6 +68,11 @@ def packed_nf4(module: bnb.nn.Linear4bit):
     return w.data, w.quant_state
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """A full-precision linear (nn.Linear or a subclass such as Falcon's FalconLinear), not a bnb one."""
+    return isinstance(module, nn.Linear) and not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
 def _keep_standard_layout(module: bnb.nn.Linear4bit) -> None:
     """Stop bnb's CPU inference path from repacking the weight (it also computes in bf16 there)."""
     module.support_avx512bf16_for_cpu = False
@@ -84,7 +89,7 @@ def quantize_model(model: nn.Module, device: torch.device | str | None = None,
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not _is_skipped(name, skip_modules):
+        if is_plain_linear(module) and not _is_skipped(name, skip_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, quantize_linear(module, device, compute_dtype))
