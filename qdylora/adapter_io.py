@@ -105,15 +105,10 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             A, B = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
         except KeyError:
             raise AdapterError(f"the adapter has no weights for layer {path}; it was trained with other targets")
-        adapter = m.active_adapters[0]
-        rows, cols = m.lora_dyA[adapter], m.lora_dyB[adapter]
-        if A.shape != (len(rows), m.in_features) or B.shape != (m.out_features, len(cols)):
-            raise AdapterError(f"layer {path}: adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit "
-                               f"r_max={len(rows)}, in={m.in_features}, out={m.out_features}")
-        for i, p in enumerate(rows):
-            p.copy_(A[i])
-        for i, p in enumerate(cols):
-            p.copy_(B[:, i])
+        try:
+            m.set_factors(A, B)
+        except ValueError as e:
+            raise AdapterError(f"layer {path}: {e}") from None
         seen.update({f"{path}.lora_A", f"{path}.lora_B"})
     extra = sorted(set(tensors) - seen)
     if extra:

@@ -1,9 +1,12 @@
 """DyLoRALinear: a peft LoRA layer over a frozen NF4 linear whose rank is chosen at run time.
 
-A is stored as r_max row parameters [in] and B as r_max column parameters [out]. At rank b
-the layer stacks the first b of each; in 'frozen' mode every component but b is detached,
-so its parameter gets no gradient at all and the optimizer (AdamW, paged or 8-bit) skips it:
-no momentum, no weight decay, the value stays bit for bit (a zeroed gradient would not).
+The storage follows the update mode:
+- 'nested': A is one [r_max, in] parameter and B one [out, r_max] parameter, like peft's LoRA;
+  at rank b the layer uses the slices A[:b], B[:, :b] (no copies, one optimizer tensor each).
+- 'frozen': A is r_max row parameters [in] and B r_max column parameters [out]; every component
+  but b is detached, so its parameter gets no gradient at all and the optimizer (AdamW, paged or
+  8-bit) skips it: no momentum, no weight decay, the value stays bit for bit (a zeroed gradient
+  would not). Only frozen mode needs that guarantee, and only it pays for r_max small tensors.
 """
 
 from __future__ import annotations
@@ -47,19 +50,29 @@ class DyLoRALinear(nn.Module, LoraLayer):
         device = weight.device if weight.device.type != "meta" else None
         A = torch.empty(qcfg.r_max, self.in_features, device=device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's default LoRA init for A
-        self.lora_dyA[adapter_name] = nn.ParameterList([nn.Parameter(row.clone()) for row in A])
-        self.lora_dyB[adapter_name] = nn.ParameterList(
-            [nn.Parameter(torch.zeros(self.out_features, device=device)) for _ in range(qcfg.r_max)]
-        )
+        B = torch.zeros(self.out_features, qcfg.r_max, device=device)
+        if qcfg.update == "frozen":
+            self.lora_dyA[adapter_name] = nn.ParameterList([nn.Parameter(row.clone()) for row in A])
+            self.lora_dyB[adapter_name] = nn.ParameterList([nn.Parameter(col.clone()) for col in B.t()])
+        else:
+            self.lora_dyA[adapter_name] = nn.ParameterList([nn.Parameter(A)])
+            self.lora_dyB[adapter_name] = nn.ParameterList([nn.Parameter(B)])
         self.r[adapter_name] = qcfg.r_max
         self.lora_alpha[adapter_name] = qcfg.alpha
         self.scaling[adapter_name] = qcfg.alpha / qcfg.r_max
         self.lora_dropout[adapter_name] = nn.Dropout(qcfg.dropout) if qcfg.dropout > 0 else nn.Identity()
 
+    def _per_component(self, name: str) -> bool:
+        return self.lora_dyA[name][0].dim() == 1
+
     def stacked(self, rank: int, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A[:rank] [rank, in], B[:, :rank] [out, rank]) with gradients only where the update mode allows."""
         name = adapter_name or self.active_adapters[0]
         rows, cols = self.lora_dyA[name], self.lora_dyB[name]
+        if not self._per_component(name):
+            # nested: rows >= rank get a zero gradient (AdamW's momentum may still move them; only
+            # frozen mode promises untouched rows)
+            return rows[0][:rank], cols[0][:, :rank]
         if torch.is_grad_enabled() and self.training:
             keep = {rank - 1} if self.qdylora_config.update == "frozen" and isinstance(self.rank, int) else None
             pick = lambda p, i: p if keep is None or i in keep else p.detach()  # noqa: E731
@@ -68,6 +81,31 @@ class DyLoRALinear(nn.Module, LoraLayer):
         A = torch.stack([pick(rows[i], i) for i in range(rank)])
         B = torch.stack([pick(cols[i], i) for i in range(rank)], dim=1)
         return A, B
+
+    @torch.no_grad()
+    def factors(self, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All r_max components as (A [r_max, in], B [out, r_max]), detached copies."""
+        name = adapter_name or self.active_adapters[0]
+        r_max = self.qdylora_config.r_max
+        A, B = self.stacked(r_max, name)
+        return A.detach().clone(), B.detach().clone()
+
+    @torch.no_grad()
+    def set_factors(self, A: torch.Tensor, B: torch.Tensor, adapter_name: str | None = None) -> None:
+        """Copy A [r_max, in] and B [out, r_max] into the adapter's storage, exactly."""
+        name = adapter_name or self.active_adapters[0]
+        r_max = self.qdylora_config.r_max
+        if tuple(A.shape) != (r_max, self.in_features) or tuple(B.shape) != (self.out_features, r_max):
+            raise ValueError(f"A{tuple(A.shape)} B{tuple(B.shape)} do not fit r_max={r_max}, "
+                             f"in={self.in_features}, out={self.out_features}")
+        rows, cols = self.lora_dyA[name], self.lora_dyB[name]
+        if self._per_component(name):
+            for i in range(r_max):
+                rows[i].copy_(A[i])
+                cols[i].copy_(B[:, i])
+        else:
+            rows[0].copy_(A)
+            cols[0].copy_(B)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()

@@ -86,15 +86,8 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module path (as in the base model) -> (A [r_max, in], B [out, r_max]) stacked, detached."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, DyLoRALinear):
-            adapter = m.active_adapters[0]
-            A = torch.stack([p.detach() for p in m.lora_dyA[adapter]])
-            B = torch.stack([p.detach() for p in m.lora_dyB[adapter]], dim=1)
-            out[_base_path(name)] = (A, B)
-    return out
+    """Module path (as in the base model) -> (A [r_max, in], B [out, r_max]), detached copies."""
+    return {_base_path(name): m.factors() for name, m in model.named_modules() if isinstance(m, DyLoRALinear)}
 
 
 def _base_path(name: str) -> str:

@@ -15,8 +15,8 @@ from qdylora.config import ConfigError, QDyLoRAConfig
 from qdylora.model import attach_adapters, dylora_layers, set_rank
 
 
-def _trained_like(r_max=16, alpha=32.0, seed=0):
-    model = attach_adapters(tiny_nf4(seed), QDyLoRAConfig(r_min=1, r_max=r_max, alpha=alpha))
+def _trained_like(r_max=16, alpha=32.0, seed=0, update="frozen"):
+    model = attach_adapters(tiny_nf4(seed), QDyLoRAConfig(r_min=1, r_max=r_max, alpha=alpha, update=update))
     g = torch.Generator().manual_seed(5)
     for layer in dylora_layers(model):
         for p in list(layer.lora_dyA["default"]) + list(layer.lora_dyB["default"]):
@@ -27,16 +27,17 @@ def _trained_like(r_max=16, alpha=32.0, seed=0):
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-def test_save_load_round_trip_is_exact(tmp_path):
-    model = _trained_like()
+@pytest.mark.parametrize("update", ["frozen", "nested"])
+def test_save_load_round_trip_is_exact(tmp_path, update):
+    model = _trained_like(update=update)
     save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / "qdylora_config.json").read_text())
     assert meta["qdylora"]["r_max"] == 16 and meta["qdylora"]["alpha"] == 32.0
     assert meta["base_model"]["num_4bit_linears"] == 14 and len(meta["targets"]) == 14
     loaded = load_adapter(tiny_nf4(0), tmp_path / "ad").eval()
+    assert dylora_layers(loaded)[0].qdylora_config.update == update
     for a, b in zip(dylora_layers(model), dylora_layers(loaded)):
-        for p, q in zip(list(a.lora_dyA["default"]) + list(a.lora_dyB["default"]),
-                        list(b.lora_dyA["default"]) + list(b.lora_dyB["default"])):
+        for p, q in zip(a.factors(), b.factors()):
             assert torch.equal(p, q)
     for r in (1, 9, 16):
         set_rank(model, r)

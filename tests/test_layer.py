@@ -25,8 +25,8 @@ def _hand(layer, x, b):
     """base(x) + (alpha/b) * B[:, :b] @ A[:b] @ x, with W dequantized by bitsandbytes."""
     base = layer.get_base_layer()
     W = dequantize_nf4(base.weight.data, base.weight.quant_state).float()
-    A = torch.stack([p.detach() for p in layer.lora_dyA["default"]])[:b]
-    B = torch.stack([p.detach() for p in layer.lora_dyB["default"]], 1)[:, :b]
+    A, B = layer.factors()
+    A, B = A[:b], B[:, :b]
     y = x @ W.t() + (layer.qdylora_config.alpha / b) * (x @ A.t()) @ B.t()
     return y + base.bias if base.bias is not None else y
 
@@ -68,9 +68,11 @@ def _grads(model, rank):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     model(input_ids=ids, labels=ids).loss.backward()
     layer = dylora_layers(model)[0]
-    ga = [p.grad for p in layer.lora_dyA["default"]]
-    gb = [p.grad for p in layer.lora_dyB["default"]]
-    return ga, gb
+    rows, cols = layer.lora_dyA["default"], layer.lora_dyB["default"]
+    if len(rows) > 1:  # frozen: one parameter per component
+        return [p.grad for p in rows], [p.grad for p in cols]
+    # nested: one [r_max, in] / [out, r_max] parameter per matrix
+    return list(rows[0].grad), list(cols[0].grad.t())
 
 
 @pytest.mark.parametrize("rank", [1, 5, 64])
@@ -92,7 +94,16 @@ def test_nested_mode_gradients_stop_at_rank(rank):
             assert ga[i] is not None and ga[i].abs().sum() > 0
             assert gb[i] is not None and gb[i].abs().sum() > 0
         else:
-            assert ga[i] is None and gb[i] is None
+            assert not ga[i].any() and not gb[i].any(), f"component {i} got a gradient at rank {rank}"
+
+
+def test_nested_mode_stores_one_tensor_per_matrix():
+    """Nested mode needs no per-component exactness, so each matrix is one optimizer tensor (like peft)."""
+    layer = dylora_layers(_model("nested", r_max=16))[0]
+    (a,), (b,) = layer.lora_dyA["default"], layer.lora_dyB["default"]
+    assert a.shape == (16, layer.in_features) and b.shape == (layer.out_features, 16)
+    A, B = layer.factors()
+    assert torch.equal(A, a) and torch.equal(B, b)
 
 
 def test_frozen_gradient_equals_autograd_of_hand_formula():
@@ -105,8 +116,7 @@ def test_frozen_gradient_equals_autograd_of_hand_formula():
     x = torch.randn(6, layer.in_features)
     g = torch.randn(6, layer.out_features)
     (layer(x) * g).sum().backward()
-    A = torch.stack([p.detach() for p in layer.lora_dyA["default"]]).requires_grad_(True)
-    B = torch.stack([p.detach() for p in layer.lora_dyB["default"]], 1).requires_grad_(True)
+    A, B = (t.requires_grad_(True) for t in layer.factors())
     base = layer.get_base_layer()
     W = dequantize_nf4(base.weight.data, base.weight.quant_state)
     y = x @ W.t() + (16.0 / rank) * (x @ A[:rank].t()) @ B[:, :rank].t()
