@@ -3,6 +3,8 @@
 Data path: load_model_and_tokenizer -> attach_adapters -> train_model -> set_rank / sweep -> export_peft.
 """
 
+import importlib
+
 from .adapter_io import export_peft, load_adapter, save_adapter
 from .config import ConfigError, QDyLoRAConfig
 from .model import attach_adapters, dylora_layers, set_backend, set_rank
@@ -18,12 +20,10 @@ __all__ = [
 
 def __getattr__(name):
     # heavy modules (transformers' Trainer, datasets) load only when asked for
+    # import_module, not `from . import`: the latter asks this __getattr__ for the name again (recursion)
     if name in ("train", "train_model", "TrainConfig"):
-        from . import train as _train
-
-        return getattr(_train, name)
+        module = importlib.import_module(".train", __name__)
+        return module if name == "train" else getattr(module, name)
     if name == "load_model_and_tokenizer":
-        from .defaults import load_model_and_tokenizer
-
-        return load_model_and_tokenizer
+        return importlib.import_module(".defaults", __name__).load_model_and_tokenizer
     raise AttributeError(name)
