@@ -16,7 +16,6 @@ from qdylora.planner import (
     nf4_bytes,
     parse_memory_size,
     plan_memory,
-    quantized_bytes,
     shipped_configs,
 )
 
@@ -207,63 +206,11 @@ def test_tracker_counts_live_and_peak_bytes():
     assert tr.current == 0
 
 
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (row gradients are views of one tensor)."""
-    seen = {}
-    for t in tensors:
-        if t is not None:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 def _measure_step(config: str, gc: bool, dtype: torch.dtype, seq: int, layers: int | None = None):
     """Quantize a random model of `config`, attach r_max=64 adapters, run one nested step at rank 64."""
-    import bitsandbytes as bnb
+    from qdylora.planner_check import measure_training_step
 
-    from qdylora.config import QDyLoRAConfig
-    from qdylora.lowmem_load import quantize_random_init
-    from qdylora.model import attach_adapters, set_rank
-    from qdylora.planner import config_from_dict, load_config_dict
-
-    d, src = load_config_dict(config)
-    if layers:
-        d["num_hidden_layers"] = layers
-    cfg = config_from_dict(d, src)
-    cfg.use_cache = False
-    model = quantize_random_init(cfg, "cpu", compute_dtype=dtype, dtype=dtype)
-    model = attach_adapters(model, QDyLoRAConfig(r_max=64, update="nested"))
-    if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    set_rank(model, 64)
-    params = [p for p in model.parameters() if p.requires_grad]
-    q_ids = {id(p) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) for p in m.parameters()}
-    seen, unquant = set(), 0
-    for p in model.parameters():
-        if id(p) not in q_ids and id(p) not in seen and not p.requires_grad:
-            seen.add(id(p))
-            unquant += p.numel() * p.element_size()
-    measured = {"nf4_weights": quantized_bytes(model), "unquantized_params": unquant,
-                "adapters": sum(p.numel() * p.element_size() for p in params)}
-    opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)  # unpaged on the CPU, same state sizes
-    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    with TensorMemoryTracker() as tr:
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        step_peak = tr.peak  # activations, logits, transients and gradients
-        del out
-        opt.step()
-    measured["adapter_grads"] = _storage_bytes(p.grad for p in params)
-    measured["optimizer_state"] = _storage_bytes(t for st in opt.state.values() for t in st.values()
-                                                 if torch.is_tensor(t))
-    static = measured["nf4_weights"] + measured["unquantized_params"] + measured["adapters"]
-    # the state exists from the first step on, so a steady-state step peaks at static + state + step peak
-    measured["peak"] = static + measured["optimizer_state"] + max(step_peak, tr.peak - measured["optimizer_state"])
-    plan = plan_memory(config, r_max=64, seq_len=seq, optim="paged_adamw_32bit", gradient_checkpointing=gc,
-                       dtype="fp32" if dtype == torch.float32 else "bf16", update="nested", kernel="reference",
-                       device="cpu", autocast=False, layers=layers)
-    return plan, measured
+    return measure_training_step(config, gc, "fp32" if dtype == torch.float32 else "bf16", seq, layers)
 
 
 def _check_within(plan, measured, tol=0.15):
