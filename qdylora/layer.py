@@ -74,7 +74,8 @@ class DyLoRALinear(nn.Module, LoraLayer):
             # frozen mode promises untouched rows)
             return rows[0][:rank], cols[0][:, :rank]
         if torch.is_grad_enabled() and self.training:
-            keep = {rank - 1} if self.qdylora_config.update == "frozen" and isinstance(self.rank, int) else None
+            # per-component storage is frozen mode's; per-row ranks leave the masking to the op
+            keep = {rank - 1} if isinstance(self.rank, int) else None
             pick = lambda p, i: p if keep is None or i in keep else p.detach()  # noqa: E731
         else:
             pick = lambda p, i: p  # noqa: E731
