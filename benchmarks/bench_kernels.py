@@ -123,7 +123,7 @@ class Bench:
         import torch.nn.functional as F
 
         import qdylora_kernels
-        from qdylora.reference import ReferenceQDyLoRALinear
+        from qdylora.ops.reference import ReferenceQDyLoRALinear
 
         self.args, self.torch, self.F, self.bnb, self.bnbF = args, torch, F, bnb, bnbF
         self.op = qdylora_kernels.triton_qdylora_linear

@@ -84,14 +84,14 @@ def split_alpaca(path: str, n_heldout: int, seed: int) -> tuple[list[dict], list
 
 def fresh_base():
     """A newly loaded NF4 SmolLM2-135M-Instruct and its tokenizer (each arm starts from its own copy)."""
-    from qdylora.defaults import load_model_and_tokenizer
+    from qdylora.load.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, device="cpu")
 
 
 def attach_qdylora(base, args, update: str):
-    from qdylora.config import QDyLoRAConfig
-    from qdylora.model import attach_adapters
+    from qdylora.adapters.config import QDyLoRAConfig
+    from qdylora.adapters.attach import attach_adapters
 
     torch.manual_seed(args.seed)
     return attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=args.r_max, alpha=args.alpha, update=update,
@@ -102,7 +102,7 @@ def attach_lora(base, args, r: int):
     """Plain peft LoRA (QLoRA) on the same NF4 linears that QDyLoRA adapts."""
     from peft import LoraConfig, get_peft_model
 
-    from qdylora.model import resolve_targets
+    from qdylora.adapters.attach import resolve_targets
 
     torch.manual_seed(args.seed)
     cfg = LoraConfig(r=r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=resolve_targets(base, None),
@@ -139,8 +139,8 @@ def train_arm(name: str, model, tok, dataset, args, steps: int | None = None) ->
 
 def lora_to_qdylora(lora_model, args):
     """Copy a trained peft LoRA (r = r_max) into QDyLoRA layers, so rank r evaluates A[:r], B[:, :r] at alpha/r."""
-    from qdylora.adapter_io import load_adapter_weights
-    from qdylora.model import _base_path
+    from qdylora.adapters.files import load_adapter_weights
+    from qdylora.adapters.attach import base_module_name as _base_path
 
     tensors = {}
     for name, m in lora_model.named_modules():
@@ -156,7 +156,7 @@ def lora_to_qdylora(lora_model, args):
 
 def evaluate(model, tok, heldout, mmlu, ranks, args, batched: bool = True) -> dict:
     """{label: {loss, perplexity, mmlu_acc, mmlu_acc_macro, mmlu_loss}} for each rank (None: the model as is)."""
-    from qdylora.eval.loss_eval import evaluate_loss
+    from qdylora.eval.loss import evaluate_loss
     from qdylora.eval.mmlu import score_questions
 
     common = dict(batch_size=args.eval_batch_size, batched_ranks=batched, padding_side="left", progress=True)

@@ -2,7 +2,7 @@
 
 Builds falcon-40b from its shipped config (60 layers, hidden 8192, 128 heads, 8 kv heads,
 vocab 65024) with random weights quantized straight to NF4 on the GPU one linear at a time
-(qdylora.lowmem_load.quantize_random_init), caps the process at --cap (default 32 GiB) with
+(qdylora.load.sharded.quantize_random_init), caps the process at --cap (default 32 GiB) with
 torch.cuda.set_per_process_memory_fraction, attaches DyLoRA adapters r_max=64 on
 query_key_value / dense / dense_h_to_4h / dense_4h_to_h, and trains --steps steps (seq 512,
 batch 1, bf16 autocast, gradient checkpointing, bitsandbytes PagedAdamW32bit) at ranks sampled
@@ -99,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import bitsandbytes as bnb
 
-    from qdylora.config import QDyLoRAConfig
-    from qdylora.lowmem_load import quantize_random_init
-    from qdylora.model import attach_adapters, set_rank
+    from qdylora.adapters.config import QDyLoRAConfig
+    from qdylora.load.sharded import quantize_random_init
+    from qdylora.adapters.attach import attach_adapters, set_rank
     from qdylora.ops import resolve_backend
-    from qdylora.planner import (TensorMemoryTracker, config_from_dict, format_bytes, load_config_dict,
-                                 parse_memory_size, plan_memory, quantized_bytes)
+    from qdylora.memory import format_bytes, parse_memory_size, plan_memory
+    from qdylora.memory.architecture import config_from_dict, load_config_dict
+    from qdylora.memory.measure import TensorMemoryTracker, quantized_bytes
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def model_arch(cfg, args):
     """The planner's view of the same config (meta device, same targets)."""
-    from qdylora.planner import arch_from_config
+    from qdylora.memory.architecture import arch_from_config
 
     return arch_from_config(cfg, name=args.config, target_modules=TARGETS)
 

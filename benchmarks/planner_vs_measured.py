@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(config: str, gc: bool, dtype_name: str, seq: int) -> dict:
     """Planned and measured bytes per item, and the peak of one step, for one configuration."""
-    from qdylora.planner_check import ITEMS, measure_training_step
+    from qdylora.memory.measure import ITEMS, measure_training_step
 
     t = time.time()
     plan, m = measure_training_step(config, gc, dtype_name, seq)

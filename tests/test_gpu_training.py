@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from qdylora.config import QDyLoRAConfig
-from qdylora.model import attach_adapters, dylora_layers, set_backend, set_rank
-from qdylora.quantize import load_quantized_model
+from qdylora.adapters.config import QDyLoRAConfig
+from qdylora.adapters.attach import attach_adapters, dylora_layers, set_backend, set_rank
+from qdylora.load.model import load_quantized_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -92,7 +92,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from qdylora.reference import ReferenceQDyLoRALinear  # noqa: E402
+from qdylora.ops.reference import ReferenceQDyLoRALinear  # noqa: E402
 from qdylora_kernels.common import SMALL_M  # noqa: E402
 from qdylora_kernels.nf4 import decode_nf4  # noqa: E402
 
@@ -335,10 +335,16 @@ def test_property_shapes_and_ranks(M, N, K, R, update, data):
 # fallback and dispatch
 
 
-def test_in_features_not_multiple_of_64_falls_back():
+def test_in_features_not_multiple_of_64_falls_back(monkeypatch):
+    import qdylora_kernels.function as qk_function
+
+    from qdylora import ops
+    from qdylora.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_impl", lambda: qk_function)
     case = make_case(3, 16, 96, 8, 4)
     with pytest.warns(UserWarning, match="not a multiple of 64"):
-        got = run(qk.triton_qdylora_linear, case, "nested")
+        got = run(lambda *a: ops.qdylora_linear(*a, backend="triton"), case, "nested")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         want = run(ReferenceQDyLoRALinear.apply, case, "nested")
@@ -355,9 +361,12 @@ def test_bad_update_is_rejected():
 
 def test_ops_dispatch_to_triton(monkeypatch):
     """qdylora.ops with backend='triton' runs these kernels on a 3-D input with one rank per batch."""
-    from qdylora import ops
+    import qdylora_kernels.function as qk_function
 
-    monkeypatch.setattr(ops, "_triton_impl", lambda: qk.triton_qdylora_linear)
+    from qdylora import ops
+    from qdylora.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_impl", lambda: qk_function)
     case = make_case(6, 48, 128, 32, 1)
     x3 = case["x"].reshape(2, 3, 128)
     args = (case["weight"], case["quant_state"], case["bias"], case["lora_A"], case["lora_B"], torch.tensor([5, 32]), 8.0)

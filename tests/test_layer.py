@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_nf4
-from qdylora.config import QDyLoRAConfig
-from qdylora.model import attach_adapters, dylora_layers, set_rank
-from qdylora.reference import dequantize_nf4
+from qdylora.adapters.config import QDyLoRAConfig
+from qdylora.adapters.attach import attach_adapters, dylora_layers, set_rank
+from qdylora.ops.reference import dequantize_nf4
 
 
 def _model(update="frozen", r_max=64, alpha=16.0, seed=0, **kw):
@@ -155,7 +155,7 @@ def test_frozen_rows_unchanged_bit_for_bit_after_optimizer_steps(optim):
 
 
 def test_set_rank_rejects_out_of_range():
-    from qdylora.config import ConfigError
+    from qdylora.adapters.config import ConfigError
 
     model = attach_adapters(tiny_nf4(), QDyLoRAConfig(r_min=2, r_max=8))
     for bad in (0, 1, 9, -3):

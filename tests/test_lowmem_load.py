@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qdylora.lowmem_load import (load_quantized_sharded, quantizable_linears, quantize_linear_chunked,
+from qdylora.load.quantize import quantizable_linear_names as quantizable_linears
+from qdylora.load.sharded import (load_quantized_sharded, quantize_linear_chunked,
                                  quantize_random_init)
-from qdylora.quantize import check_nf4_storage, quantize_linear, quantize_model
+from qdylora.load.quantize import check_nf4_storage, quantize_linear, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,8 @@ def test_sharded_load_peak_rss_below_half_the_bf16_size(sharded_checkpoint, tmp_
         import ctypes, json, resource
         import torch, transformers, bitsandbytes
         import transformers.models.llama.modeling_llama
-        from qdylora.lowmem_load import load_quantized_sharded, quantize_linear_chunked, nf4_model_bytes
+        from qdylora.load.sharded import load_quantized_sharded, quantize_linear_chunked
+        from qdylora.memory.measure import nf4_model_bytes
         # warm up lazily loaded libraries (bitsandbytes' CPU ops) so they are part of the baseline
         quantize_linear_chunked(torch.nn.Linear(128, 128).weight, None, torch.float32)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -142,7 +144,7 @@ def test_sharded_load_peak_rss_below_half_the_bf16_size(sharded_checkpoint, tmp_
 
 
 def test_quantize_random_init_tiny_falcon():
-    from qdylora.planner import config_from_dict, load_config_dict
+    from qdylora.memory.architecture import config_from_dict, load_config_dict
 
     d, src = load_config_dict("tiny-falcon")
     model = quantize_random_init(config_from_dict(d, src), "cpu", compute_dtype=torch.float32, dtype=torch.float32)

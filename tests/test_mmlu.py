@@ -14,7 +14,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qdylora.eval.common import EvalDataError  # noqa: E402
+from qdylora.errors import DataError as EvalDataError  # noqa: E402
 from qdylora.eval.mmlu import (answer_token_ids, build_prompt, header, load_mmlu, pick_shots,  # noqa: E402
                                score_questions, subset)
 
@@ -69,7 +69,7 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
 def randomize_adapters(peft_model, seed: int = 0, scale: float = 0.3) -> None:
     """B starts at zero (every rank = base); give it values so ranks differ."""
-    from qdylora.model import dylora_layers
+    from qdylora.adapters.attach import dylora_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -80,9 +80,9 @@ def randomize_adapters(peft_model, seed: int = 0, scale: float = 0.3) -> None:
 
 def tiny_qdylora(r_max: int = 8, seed: int = 0):
     """(NF4 tiny Llama with random QDyLoRA adapters r 1..r_max, tokenizer)."""
-    from qdylora.config import QDyLoRAConfig
-    from qdylora.model import attach_adapters
-    from qdylora.quantize import load_quantized_model
+    from qdylora.adapters.config import QDyLoRAConfig
+    from qdylora.adapters.attach import attach_adapters
+    from qdylora.load.model import load_quantized_model
 
     tok = tiny_tokenizer()
     base = load_quantized_model(tiny_llama(len(tok), seed), device="cpu")
@@ -273,7 +273,7 @@ def test_batched_ranks_equal_separate_passes(tmp_path):
 
 
 def test_evaluation_restores_the_rank(tmp_path):
-    from qdylora.model import dylora_layers, set_rank
+    from qdylora.adapters.attach import dylora_layers, set_rank
 
     model, tok = tiny_qdylora()
     set_rank(model, 5)
@@ -320,7 +320,7 @@ def test_shared_qlora_file_loads():
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_uses_space_letter():
-    from qdylora.defaults import load_tokenizer
+    from qdylora.load.model import load_tokenizer
 
     tok = load_tokenizer()
     ids, sep = answer_token_ids(tok, QLORA_ROWS[0]["input"])

@@ -8,16 +8,10 @@ import math
 import pytest
 import torch
 
-from qdylora.planner import (
-    NF4_TABLE_BYTES,
-    PlannerError,
-    TensorMemoryTracker,
-    choose_memory_settings,
-    nf4_bytes,
-    parse_memory_size,
-    plan_memory,
-    shipped_configs,
-)
+from qdylora.errors import PlannerError
+from qdylora.memory import choose_memory_settings, parse_memory_size, plan_memory, shipped_configs
+from qdylora.memory.measure import TensorMemoryTracker
+from qdylora.memory.units import NF4_TABLE_BYTES, nf4_bytes
 
 GiB = 1024**3
 
@@ -173,7 +167,7 @@ def test_bad_numbers():
 def test_cli(capsys):
     import argparse
 
-    from qdylora.cli_plan import register
+    from qdylora.cli.plan import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -208,7 +202,7 @@ def test_tracker_counts_live_and_peak_bytes():
 
 def _measure_step(config: str, gc: bool, dtype: torch.dtype, seq: int, layers: int | None = None):
     """Quantize a random model of `config`, attach r_max=64 adapters, run one nested step at rank 64."""
-    from qdylora.planner_check import measure_training_step
+    from qdylora.memory.measure import measure_training_step
 
     return measure_training_step(config, gc, "fp32" if dtype == torch.float32 else "bf16", seq, layers)
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from qdylora.quantize import check_nf4_storage, load_quantized_model, quantize_linear, quantized_linears
+from qdylora.load.model import load_quantized_model
+from qdylora.load.quantize import check_nf4_storage, quantize_linear, quantized_linears
 
 
 def test_every_linear_but_head_is_nf4_double_quantized():

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from qdylora.config import ConfigError, QDyLoRAConfig
-from qdylora.rank_sampler import RankSampler
+from qdylora.adapters.config import ConfigError, QDyLoRAConfig
+from qdylora.adapters.rank_sampler import RankSampler
 
 
 def test_uniform_covers_range_with_flat_frequencies():

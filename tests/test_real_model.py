@@ -9,10 +9,10 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from conftest import SHARED_DATA
-from qdylora.config import QDyLoRAConfig
+from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.data import build_dataset, load_records
-from qdylora.defaults import load_model_and_tokenizer
-from qdylora.model import attach_adapters, set_rank
+from qdylora.load.model import load_model_and_tokenizer
+from qdylora.adapters.attach import attach_adapters, set_rank
 from qdylora.train import TrainConfig, read_log, train_model
 
 pytestmark = pytest.mark.slow

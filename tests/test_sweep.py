@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from test_mmlu import QLORA_ROWS, tiny_llama, tiny_qdylora, tiny_tokenizer, write_jsonl  # noqa: E402
 
-from qdylora.config import ConfigError  # noqa: E402
-from qdylora.eval.loss_eval import encode_records, evaluate_loss  # noqa: E402
+from qdylora.adapters.config import ConfigError  # noqa: E402
+from qdylora.eval.loss import encode_records, evaluate_loss  # noqa: E402
 
 RECORDS = [
     {"instruction": "Name the colour of the sky.", "input": "", "output": "blue"},
@@ -33,10 +33,10 @@ def tiny():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny):
     """A base model folder (tiny Llama + tokenizer) and an adapter trained on it (random values)."""
-    from qdylora.adapter_io import save_adapter
-    from qdylora.config import QDyLoRAConfig
-    from qdylora.defaults import load_model_and_tokenizer
-    from qdylora.model import attach_adapters
+    from qdylora.adapters.files import save_adapter
+    from qdylora.adapters.config import QDyLoRAConfig
+    from qdylora.load.model import load_model_and_tokenizer
+    from qdylora.adapters.attach import attach_adapters
 
     from test_mmlu import randomize_adapters
 
@@ -83,8 +83,24 @@ def test_loss_batched_ranks_and_padding_sides_agree(tiny):
     assert sep[1].loss != pytest.approx(sep[8].loss, rel=1e-6)
 
 
-def test_exact_match_agrees_with_the_default_task_checker(tiny):
-    from qdylora.default_task import exact_match
+def _greedy_exact_match(model, tok, records) -> float:
+    """Reference: decode each prompt greedily with generate() and compare with output + EOS token by token."""
+    from qdylora.data.examples import format_example
+
+    hits = 0
+    for rec in records:
+        prompt, response = format_example(rec, tok)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        target = tok(response, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([p_ids]), attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),
+                                 max_new_tokens=len(target), min_new_tokens=len(target), do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=None)
+        hits += int(out[0, len(p_ids):].tolist() == target)
+    return hits / len(records)
+
+
+def test_exact_match_equals_greedy_decoding(tiny):
     from qdylora.eval.common import apply_rank
     from qdylora.eval.exact_match import default_records, evaluate_exact_match
 
@@ -92,7 +108,8 @@ def test_exact_match_agrees_with_the_default_task_checker(tiny):
     records = default_records(8)
     ours = evaluate_exact_match(model, tok, records, ranks=[2], batch_size=4, progress=False)[2]
     apply_rank(model, 2)
-    assert ours.exact_match == exact_match(model, tok, records, batch_size=4)
+    model.eval()
+    assert ours.exact_match == _greedy_exact_match(model, tok, records)
     # a model that always says EOS answers "" exactly and "blue" not: 1 of 2
     plain = tiny_llama(len(tok))
     plain.lm_head = torch.nn.Linear(64, len(tok), bias=True)
@@ -102,11 +119,11 @@ def test_exact_match_agrees_with_the_default_task_checker(tiny):
         plain.lm_head.bias[tok.eos_token_id] = 10.0
     recs = [dict(RECORDS[0], output=""), RECORDS[0]]
     res = evaluate_exact_match(plain, tok, recs, ranks=None, batch_size=2, padding_side="left", progress=False)[None]
-    assert res.exact_match == 0.5 == exact_match(plain, tok, recs)
+    assert res.exact_match == 0.5 == _greedy_exact_match(plain, tok, recs)
 
 
 def test_sweep_cli_writes_table_json_csv_png(saved, capsys):
-    from qdylora.cli_sweep import main
+    from qdylora.cli import main
 
     out = saved / "out"
     rc = main(["sweep", str(saved / "adapter"), "--ranks", "2,4,8", "--task", "mmlu", "--data",
@@ -123,7 +140,7 @@ def test_sweep_cli_writes_table_json_csv_png(saved, capsys):
 
 
 def test_sweep_api_loss_and_default_tasks(saved):
-    from qdylora.sweep import sweep
+    from qdylora.eval.sweep import sweep
 
     res = sweep(saved / "adapter", [2, 8], task="loss", data=str(saved / "heldout.jsonl"), batch_size=2,
                 progress=False)
@@ -137,8 +154,8 @@ def test_sweep_api_loss_and_default_tasks(saved):
 
 
 def test_unknown_task_and_rank_outside_the_range(saved):
-    from qdylora.cli_sweep import main
-    from qdylora.sweep import check_task, parse_ranks, sweep
+    from qdylora.cli import main
+    from qdylora.eval.sweep import check_task, parse_ranks, sweep
 
     with pytest.raises(ValueError, match="unknown task 'bogus'; use one of mmlu, loss, default"):
         check_task("bogus")
@@ -156,7 +173,7 @@ def test_unknown_task_and_rank_outside_the_range(saved):
 
 
 def test_cli_bad_data_says_file_line_and_field(saved, capsys):
-    from qdylora.cli_sweep import main
+    from qdylora.cli import main
 
     bad = write_jsonl(saved / "bad_mmlu.jsonl", [QLORA_ROWS[0], {"subject": "x", "input": "Q?\nAnswer:"}])
     assert main(["sweep", str(saved / "adapter"), "--task", "mmlu", "--data", str(bad)]) == 2
@@ -180,8 +197,8 @@ def test_ranks_on_a_model_without_adapters_are_refused(tiny):
 
 
 def test_resolve_base(saved):
-    from qdylora.adapter_io import read_adapter
-    from qdylora.sweep import resolve_base
+    from qdylora.adapters.files import read_adapter
+    from qdylora.eval.sweep import resolve_base
 
     meta, _ = read_adapter(saved / "adapter")
     assert resolve_base(meta) == str((saved / "base").resolve())

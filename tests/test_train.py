@@ -9,9 +9,10 @@ import signal
 import pytest
 import torch
 
-from qdylora import train as train_mod
-from qdylora.config import QDyLoRAConfig
-from qdylora.rank_sampler import RankSampler
+from qdylora.train import callbacks as callbacks_mod
+from qdylora.train import trainer as trainer_mod
+from qdylora.adapters.config import QDyLoRAConfig
+from qdylora.adapters.rank_sampler import RankSampler
 from qdylora.train import TrainConfig, TrainingError, read_log, train
 
 
@@ -55,16 +56,16 @@ def test_interrupt_then_resume_gives_the_same_losses(tiny_model_dir, data_file, 
     _run(tiny_model_dir, data_file, tmp_path / "full")
     full = read_log(tmp_path / "full")
 
-    orig = train_mod._RankCallback.on_step_begin
+    orig = callbacks_mod.RankCallback.on_step_begin
 
     def ctrl_c_at_step_3(self, args, state, control, **kw):
         if state.global_step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; the handler lets the step finish
         return orig(self, args, state, control, **kw)
 
-    monkeypatch.setattr(train_mod._RankCallback, "on_step_begin", ctrl_c_at_step_3)
+    monkeypatch.setattr(callbacks_mod.RankCallback, "on_step_begin", ctrl_c_at_step_3)
     res = _run(tiny_model_dir, data_file, tmp_path / "cut")
-    monkeypatch.setattr(train_mod._RankCallback, "on_step_begin", orig)
+    monkeypatch.setattr(callbacks_mod.RankCallback, "on_step_begin", orig)
     assert res["interrupted"] and res["global_step"] == 4
     assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "adapter").exists()
 
@@ -79,14 +80,14 @@ def test_interrupt_then_resume_gives_the_same_losses(tiny_model_dir, data_file, 
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    orig = train_mod.QDyLoRATrainer.compute_loss
+    orig = trainer_mod.QDyLoRATrainer.compute_loss
 
     def nan_at_step_5(self, model, inputs, *a, **kw):
         loss = orig(self, model, inputs, *a, **kw)
         return loss * float("nan") if self.state.global_step == 4 else loss
 
-    monkeypatch.setattr(train_mod.QDyLoRATrainer, "compute_loss", nan_at_step_5)
-    with pytest.raises(train_mod.NonFiniteLoss, match=r"loss became nan at step 5.*checkpoint-4"):
+    monkeypatch.setattr(trainer_mod.QDyLoRATrainer, "compute_loss", nan_at_step_5)
+    with pytest.raises(trainer_mod.NonFiniteLoss, match=r"loss became nan at step 5.*checkpoint-4"):
         _run(tiny_model_dir, data_file, tmp_path / "run")
     ck = tmp_path / "run" / "checkpoint-4" / "adapter" / "qdylora_adapter.safetensors"
     assert ck.exists()

@@ -1,17 +1,14 @@
-"""The autograd op wiring the kernels: same signature and gradients as ReferenceQDyLoRALinear."""
+"""The autograd op wiring the kernels: the signature and gradients of qdylora's reference op (qdylora.ops.reference)."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-
-from qdylora.reference import ReferenceQDyLoRALinear, rank_masks, row_ranks
 
 from .backward import fused_dx, splitn_dx
 from .common import INTERPRET, SMALL_M
 from .forward import fused_forward, splitk_forward
 from .nf4 import nf4_weight, unsupported_reason
+from .ranks import rank_masks, row_ranks
 
 UPDATES = ("frozen", "nested")
 
@@ -85,16 +82,18 @@ class TritonQDyLoRALinear(torch.autograd.Function):
         return dx, None, None, dbias, dA, dB, None, None, None, dxl
 
 
-def triton_qdylora_linear(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update="nested", x_lora=None):
-    """The fused op, or the PyTorch reference (with a one-line warning) for what it cannot run."""
-    if x.dim() == 2 and not (torch.is_tensor(ranks) and ranks.dim() == 1 and ranks.numel() == x.shape[0]):
-        ranks = row_ranks(ranks, x.shape[0], x.device)  # an int, or one rank per batch element
+def unsupported(x, weight, quant_state, bias, lora_A, lora_B, ranks, x_lora=None) -> str | None:
+    """Why the kernels cannot run this call (the caller then uses another backend), or None."""
     reason = unsupported_reason(x, weight, quant_state, bias, lora_A, lora_B, x_lora, INTERPRET)
     if reason is None and x.shape[0] == 0:
         reason = "x has no rows"
-    if reason is not None:
-        warnings.warn(f"qdylora_kernels: {reason}; using the PyTorch reference path", stacklevel=2)
-        return ReferenceQDyLoRALinear.apply(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
+    return reason
+
+
+def triton_qdylora_linear(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update="nested", x_lora=None):
+    """The fused op for a call that `unsupported` accepts; ranks: an int, one per row or one per batch element."""
+    if x.dim() == 2 and not (torch.is_tensor(ranks) and ranks.dim() == 1 and ranks.numel() == x.shape[0]):
+        ranks = row_ranks(ranks, x.shape[0], x.device)
     args = (x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B, x_lora))):
         # inference (decoding, eval): no autograd node, nothing kept for a backward

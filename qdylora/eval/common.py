@@ -10,15 +10,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..data import DataError
-from ..model import dylora_layers, qdylora_config_of
+from tqdm.auto import tqdm
+
+from ..adapters.attach import dylora_layers, qdylora_config_of
+from ..errors import ConfigError
 
 BASE_RANK = 0  # rank 0 runs the base model without adapter (the sweep's reference line)
-
-
-class EvalDataError(DataError):
-    """Evaluation data is missing or malformed; the message names the file, the line and the field."""
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -157,3 +154,14 @@ def run_ranks(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ranks: li
         out[r] = fn(ids, mask)
         seconds[r] = seconds.get(r, 0.0) + time.perf_counter() - t
     return out
+
+
+def progress_bar(progress, total: int, desc: str):
+    """(bar or None, whether we own it): progress=True makes a bar, a tqdm instance is reused."""
+    if isinstance(progress, tqdm):
+        progress.total = (progress.total or 0) + total
+        progress.refresh()
+        return progress, False
+    if progress:
+        return tqdm(total=total, desc=desc, dynamic_ncols=True), True
+    return None, False

@@ -6,8 +6,8 @@ from typing import Sequence
 
 from torch import nn
 
-from ..default_task import default_splits
-from .loss_eval import LossResult, evaluate_examples, encode_records
+from ..data.embedded_task import default_splits
+from .loss import LossResult, evaluate_examples, encode_records
 
 # The held-out answers are a few tokens; no example comes near this, so none is cut.
 EXACT_MATCH_MAX_LEN = 10_000

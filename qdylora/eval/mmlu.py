@@ -10,7 +10,6 @@ vocabulary at that position (QLoRA's `mmlu_loss`).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
-from .common import (EvalDataError, check_ranks, forward_logits, last_positions, length_batches, model_device,
-                     pad_batch, ranks_restored, run_ranks)
+from ..data.records import read_rows
+from ..errors import ConfigError, DataError
+from .common import (check_ranks, forward_logits, last_positions, length_batches, model_device, pad_batch,
+                     progress_bar, ranks_restored, run_ranks)
 
 LETTERS = "ABCDEFGHIJ"
 HEADER_START = "The following are multiple choice questions (with answers) about"
@@ -62,28 +62,6 @@ class MMLUResult:
 
 # ---------------------------------------------------------------- loading
 
-def _read_rows(path: Path) -> list[tuple[str, Any]]:
-    """(where, row) pairs from a JSON array, JSON Lines (QLoRA's .json files are JSONL) or parquet file."""
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return [(f"{path}, row {i + 1}", r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"{path}, record {i + 1}", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from e
-    rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append((f"{path}, line {i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one object") from e
-    return rows
-
-
 def _letter_index(value: Any, n: int, where: str, name: str) -> int:
     if isinstance(value, str) and value.strip().upper() in LETTERS[:n] and len(value.strip()) == 1:
         return LETTERS.index(value.strip().upper())
@@ -91,38 +69,38 @@ def _letter_index(value: Any, n: int, where: str, name: str) -> int:
         return int(value)
     if hasattr(value, "item"):  # numpy ints from parquet
         return _letter_index(value.item(), n, where, name)
-    raise EvalDataError(f"{where}: field '{name}' is {value!r}; it must be one of {', '.join(LETTERS[:n])} "
+    raise DataError(f"{where}: field '{name}' is {value!r}; it must be one of {', '.join(LETTERS[:n])} "
                         f"or an index 0..{n - 1}")
 
 
 def parse_row(row: Any, where: str) -> MMLUQuestion:
     """One MMLUQuestion from a QLoRA row (input/output/subject) or a cais/mmlu row (question/choices/answer)."""
     if not isinstance(row, dict):
-        raise EvalDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     subject = str(row.get("subject") or "unknown")
     if "input" in row or "output" in row:  # QLoRA layout
         for name in ("input", "output"):
             if name not in row:
-                raise EvalDataError(f"{where}: missing field '{name}' (QLoRA MMLU rows need 'input', 'output', "
+                raise DataError(f"{where}: missing field '{name}' (QLoRA MMLU rows need 'input', 'output', "
                                     "'subject')")
         if not isinstance(row["input"], str) or not row["input"].strip():
-            raise EvalDataError(f"{where}: field 'input' must be the non-empty prompt text")
+            raise DataError(f"{where}: field 'input' must be the non-empty prompt text")
         return MMLUQuestion(subject=subject, answer=_letter_index(row["output"], 4, where, "output"),
                             prompt=row["input"], n_choices=4, where=where)
     if "question" in row or "choices" in row or "answer" in row:  # cais/mmlu layout
         for name in ("question", "choices", "answer"):
             if name not in row:
-                raise EvalDataError(f"{where}: missing field '{name}' (cais/mmlu rows need 'question', 'choices', "
+                raise DataError(f"{where}: missing field '{name}' (cais/mmlu rows need 'question', 'choices', "
                                     "'answer')")
         choices = row["choices"]
         if hasattr(choices, "tolist"):
             choices = choices.tolist()
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
-            raise EvalDataError(f"{where}: field 'choices' must be a list of 2 to {len(LETTERS)} answers")
+            raise DataError(f"{where}: field 'choices' must be a list of 2 to {len(LETTERS)} answers")
         return MMLUQuestion(subject=subject, answer=_letter_index(row["answer"], len(choices), where, "answer"),
                             question=str(row["question"]), choices=[str(c) for c in choices],
                             n_choices=len(choices), where=where)
-    raise EvalDataError(f"{where}: fields {sorted(row)} fit no MMLU layout; a row needs 'input' + 'output' "
+    raise DataError(f"{where}: fields {sorted(row)} fit no MMLU layout; a row needs 'input' + 'output' "
                         "(QLoRA) or 'question' + 'choices' + 'answer' (cais/mmlu)")
 
 
@@ -130,7 +108,7 @@ def _files_of(path: Path, split: str) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
     wanted = [p for p in files if split in p.name] or files
     if not wanted:
-        raise EvalDataError(f"{path} holds no .json/.jsonl/.parquet file")
+        raise DataError(f"{path} holds no .json/.jsonl/.parquet file")
     return wanted
 
 
@@ -139,21 +117,21 @@ def load_mmlu(source: str | Path, split: str = "validation", config: str = "all"
     """Questions from a local file/folder (QLoRA JSONL, JSON, parquet) or a hub dataset name like cais/mmlu."""
     path = Path(source)
     if path.exists():
-        rows = [r for f in ([path] if path.is_file() else _files_of(path, split)) for r in _read_rows(f)]
+        rows = [r for f in ([path] if path.is_file() else _files_of(path, split)) for r in read_rows(f)]
     elif path.suffix in (".json", ".jsonl", ".parquet") or "/" in str(source) and Path(str(source)).parent.exists():
-        raise EvalDataError(f"MMLU data file {source} does not exist; check the path")
+        raise DataError(f"MMLU data file {source} does not exist; check the path")
     else:
         try:
             from datasets import load_dataset
 
             ds = load_dataset(str(source), config, split=split)
         except Exception as e:
-            raise EvalDataError(f"could not load MMLU dataset '{source}' ({type(e).__name__}: {e}); offline, pass a "
+            raise DataError(f"could not load MMLU dataset '{source}' ({type(e).__name__}: {e}); offline, pass a "
                                 "local file such as ../shared/data/mmlu/zero_shot_mmlu_val.jsonl") from e
         rows = [(f"dataset {source}, row {i + 1}", dict(r)) for i, r in enumerate(ds)]
     questions = [parse_row(r, where) for where, r in rows]
     if not questions:
-        raise EvalDataError(f"{source} holds no questions")
+        raise DataError(f"{source} holds no questions")
     return subset(questions, limit)
 
 
@@ -233,7 +211,7 @@ def answer_token_ids(tokenizer, prompt: str, n_choices: int = 4) -> tuple[list[i
                 ids.append(full[-1])
         if len(ids) == n_choices and len(set(ids)) == n_choices:
             return ids, sep
-    raise EvalDataError("this tokenizer does not encode the answer letters as one token after the prompt "
+    raise DataError("this tokenizer does not encode the answer letters as one token after the prompt "
                         f"(tried ' A' and 'A' after {prompt[-20:]!r}); MMLU letter scoring needs that")
 
 
@@ -246,7 +224,7 @@ def score_questions(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestio
     """MMLU results per rank (0 = base without adapter; ranks=None: the model as it is)."""
     ranks = check_ranks(model, ranks)
     if not questions:
-        raise EvalDataError("no MMLU questions to evaluate")
+        raise DataError("no MMLU questions to evaluate")
     prompts = [build_prompt(q, s) for q, s in zip(questions, pick_shots(questions, shots, seed, shot_pool))]
     letter_sets = {}
     for n in sorted({q.n_choices for q in questions}):
@@ -260,7 +238,7 @@ def score_questions(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestio
     keys = ranks if ranks is not None else [None]
     rows: dict = {r: [None] * len(questions) for r in keys}
     seconds: dict = {}
-    bar, own_bar = _bar(progress, len(batches) * (1 if batched_ranks or ranks is None else len(keys)), "mmlu")
+    bar, own_bar = progress_bar(progress, len(batches) * (1 if batched_ranks or ranks is None else len(keys)), "mmlu")
 
     with ranks_restored(model), torch.no_grad():
         for batch in batches:
@@ -291,17 +269,6 @@ def score_questions(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestio
     if own_bar:
         bar.close()
     return {r: _summarise(questions, torch.stack(rows[r]), seconds.get(r, 0.0)) for r in keys}
-
-
-def _bar(progress, total: int, desc: str):
-    """(bar or None, whether we own it): progress=True makes a bar, a tqdm instance is reused."""
-    if isinstance(progress, tqdm):
-        progress.total = (progress.total or 0) + total
-        progress.refresh()
-        return progress, False
-    if progress:
-        return tqdm(total=total, desc=desc, dynamic_ncols=True), True
-    return None, False
 
 
 def _summarise(questions: Sequence[MMLUQuestion], rows: torch.Tensor, seconds: float) -> MMLUResult:

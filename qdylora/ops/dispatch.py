@@ -9,20 +9,22 @@ from functools import lru_cache
 import torch
 from bitsandbytes.functional import QuantState
 
-from .reference import ReferenceQDyLoRALinear, row_ranks
+from qdylora_kernels.ranks import row_ranks
+
+from .reference import ReferenceQDyLoRALinear
 
 BACKENDS = ("auto", "reference", "triton")
 
 
 @lru_cache(maxsize=1)
 def _triton_impl():
-    """The Triton op, or None when it cannot be imported here (no triton, no kernels package)."""
+    """The kernels' op module, or None when it cannot be imported here (no triton)."""
     try:
-        from qdylora_kernels import triton_qdylora_linear
+        from qdylora_kernels import function
     except Exception as e:  # triton missing or broken: the reference path still works
         warnings.warn(f"qdylora: Triton kernels unavailable ({e}); using the PyTorch reference path")
         return None
-    return triton_qdylora_linear
+    return function
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -66,6 +68,14 @@ def qdylora_linear(
     if backend is None and x2.shape[0] == 0:
         backend = "reference"
     impl = resolve_backend(backend, x.device)
-    fn = _triton_impl() if impl == "triton" else ReferenceQDyLoRALinear.apply
+    fn = ReferenceQDyLoRALinear.apply
+    if impl == "triton":
+        kernels = _triton_impl()
+        reason = kernels.unsupported(x2, weight, quant_state, bias, lora_A, lora_B, r, xl2)
+        if reason is None:
+            fn = kernels.triton_qdylora_linear
+        else:
+            warnings.warn(f"qdylora: the Triton kernels cannot run this call ({reason}); using the PyTorch "
+                          "reference path", stacklevel=2)
     y = fn(x2, weight, quant_state, bias, lora_A, lora_B, r, float(alpha), update, xl2)
     return y.reshape(*lead, y.shape[-1])

@@ -1,4 +1,4 @@
-"""`qdylora plan`: itemised GPU memory of a training run, offline; registered into the main CLI by qdylora.cli."""
+"""`qdylora plan`: itemised GPU memory of a training run, offline, from the model's config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from .planner import OPTIMIZERS, PlannerError, choose_memory_settings, plan_memory, shipped_configs
+from ..errors import PlannerError
+from ..memory import OPTIMIZERS, choose_memory_settings, plan_memory, shipped_configs
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -72,15 +73,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"recommended: gradient_checkpointing={chosen['gradient_checkpointing']} optim={chosen['optim']} "
                   f"({chosen['reason']})")
     return 0 if plan.fits in (True, None) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `plan` on its own (python -m qdylora.cli_plan ...)."""
-    parser = argparse.ArgumentParser(prog="qdylora")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,10 +10,9 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .adapter_io import AdapterError
-from .config import ConfigError, QDyLoRAConfig
-from .data import DataError
-from .eval.common import BASE_RANK, check_ranks
+from ..adapters.config import QDyLoRAConfig
+from ..errors import AdapterError, ConfigError, DataError
+from .common import BASE_RANK, check_ranks
 
 TASKS = ("mmlu", "loss", "default")
 # what the "accuracy" column means for each task
@@ -57,7 +56,7 @@ class SweepResult:
 
     def save(self, output_dir: str | Path) -> list[Path]:
         """Write sweep_<task>.json, .csv and .png into output_dir; returns the paths."""
-        from .atomic import write_json_atomic
+        from ..atomic import write_json_atomic
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -134,18 +133,18 @@ def load_task_data(task: str, data: str | None, limit: int | None = None) -> lis
     """The task's items: MMLU questions, held-out records, or default-task records (errors before any model loads)."""
     check_task(task)
     if task == "mmlu":
-        from .eval.mmlu import load_mmlu
+        from .mmlu import load_mmlu
 
         if not data:
             raise DataError("--task mmlu needs --data: QLoRA's JSONL (e.g. ../shared/data/mmlu/zero_shot_mmlu_val"
                              ".jsonl), cais/mmlu json/jsonl/parquet files, or a hub name such as cais/mmlu")
         return load_mmlu(data, limit=limit)
-    from .data import load_records
+    from ..data.records import load_records
 
     if task == "loss" and not data:
         raise DataError("--task loss needs --data: a held-out .json/.jsonl file of alpaca, text or chat records")
     if task == "default" and not data:
-        from .eval.exact_match import default_records
+        from .exact_match import default_records
 
         records = default_records()
     else:
@@ -155,7 +154,7 @@ def load_task_data(task: str, data: str | None, limit: int | None = None) -> lis
 
 def adapter_folder(path: str | Path) -> Path:
     """The adapter folder itself, or RUN/adapter when given a `qdylora train` run folder."""
-    from .adapter_io import CONFIG_NAME
+    from ..adapters.files import CONFIG_NAME
 
     p = Path(path)
     if not (p / CONFIG_NAME).exists() and (p / "adapter" / CONFIG_NAME).exists():
@@ -167,7 +166,7 @@ def resolve_base(meta: dict, model: str | None = None) -> str:
     """What to load as the base: --model, else the source/name the adapter recorded (the default GGUF by file name)."""
     if model:
         return model
-    from .defaults import DEFAULT_GGUF, default_model_path
+    from ..load.embedded import DEFAULT_GGUF, default_model_path
 
     info = meta.get("base_model", {})
     for cand in (info.get("source"), info.get("name")):
@@ -192,7 +191,7 @@ def evaluate_ranks(model: nn.Module, tokenizer, task: str, items: list, ranks: S
     common = dict(batch_size=batch_size, batched_ranks=batched_ranks, padding_side=padding_side, progress=progress)
     rows, per_subject = [], {}
     if task == "mmlu":
-        from .eval.mmlu import score_questions
+        from .mmlu import score_questions
 
         res = score_questions(model, tokenizer, items, ranks, shots=shots, seed=seed, **common)
         for r, m in res.items():
@@ -200,8 +199,8 @@ def evaluate_ranks(model: nn.Module, tokenizer, task: str, items: list, ranks: S
                          "perplexity": _exp(m.loss), "n": m.n, "seconds": m.seconds, "rank": r})
             per_subject[_label(r)] = m.per_subject
     else:
-        from .eval.exact_match import evaluate_exact_match
-        from .eval.loss_eval import evaluate_loss
+        from .exact_match import evaluate_exact_match
+        from .loss import evaluate_loss
 
         if task == "loss":
             res = evaluate_loss(model, tokenizer, items, ranks, max_seq_len=max_seq_len, **common)
@@ -257,8 +256,8 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
           save: bool = True) -> SweepResult:
     """Load base + adapter, evaluate every rank (default: powers of two and r_max) and the base, write
     sweep_<task>.json/.csv/.png to `output` (default: the adapter folder)."""
-    from .adapter_io import load_adapter, read_adapter
-    from .defaults import load_model_and_tokenizer
+    from ..adapters.files import load_adapter, read_adapter
+    from ..load.model import load_model_and_tokenizer
 
     check_task(task)
     output = output or adapter_dir

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 
-import bitsandbytes as bnb
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import QDyLoRAConfig
-from .ops import qdylora_linear
-from .quantize import packed_nf4
+from ..load.quantize import packed_nf4
+from ..ops import qdylora_linear
 
 
 class DyLoRALinear(nn.Module, LoraLayer):
@@ -139,8 +138,3 @@ class DyLoRALinear(nn.Module, LoraLayer):
     def __repr__(self) -> str:
         c = self.qdylora_config
         return f"qdylora.{super().__repr__()}[r={c.r_min}..{c.r_max}, update={c.update}]"
-
-
-def is_4bit_linear(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear (the only base DyLoRALinear wraps)."""
-    return isinstance(module, bnb.nn.Linear4bit)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE_INDEX, DataError, format_example, tokenize_example
-from .common import (check_ranks, forward_logits, length_batches, model_device, pad_batch, ranks_restored,
-                     run_ranks)
-from .mmlu import _bar
+from ..data.examples import IGNORE_INDEX, format_example, tokenize_example
+from ..errors import DataError
+from .common import (check_ranks, forward_logits, length_batches, model_device, pad_batch, progress_bar,
+                     ranks_restored, run_ranks)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def evaluate_examples(model: nn.Module, tokenizer, examples: Sequence[dict[str, 
     rows: dict = {r: [None] * len(examples) for r in keys}
     seconds: dict = {}
     per_batch = 1 if batched_ranks or ranks is None else len(keys)
-    bar, own_bar = _bar(progress, len(batches) * per_batch, desc)
+    bar, own_bar = progress_bar(progress, len(batches) * per_batch, desc)
 
     with ranks_restored(model), torch.no_grad():
         for batch in batches:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 WORDS = (
     "apple river stone cloud garden window silver forest candle bridge orange pencil winter summer "
     "rocket planet island mirror castle dragon button basket ticket jacket violin camera engine "
@@ -46,31 +44,3 @@ def default_splits(n_train: int = 512, n_eval: int = 64, seed: int = 0) -> tuple
     seen = {(r["instruction"], r["input"]) for r in train}
     held = [r for r in make_task(n_eval * 3, seed + 1) if (r["instruction"], r["input"]) not in seen][:n_eval]
     return train, held
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, records: list[dict], batch_size: int = 16) -> float:
-    """Fraction of records whose greedy answer is exactly `output` + EOS.
-
-    Computed teacher-forced in one forward pass per batch: greedy decoding yields exactly the target
-    iff the argmax at every answer position is the target token, so no generate loop is needed.
-    """
-    from .data import format_example, tokenize_example
-
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters()).device
-    hits = 0
-    for i in range(0, len(records), batch_size):
-        exs = [tokenize_example(*format_example(r, tokenizer), tokenizer, 10_000) for r in records[i:i + batch_size]]
-        width = max(len(e["input_ids"]) for e in exs)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in exs], device=device)
-        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in exs], device=device)
-        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in exs], device=device)
-        pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
-        target = labels[:, 1:]
-        ok = ((pred == target) | (target == -100)).all(dim=1)
-        hits += int(ok.sum())
-    model.train(was_training)
-    return hits / max(1, len(records))

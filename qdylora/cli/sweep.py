@@ -1,11 +1,10 @@
-"""`qdylora sweep`: evaluate one adapter at many ranks; registered into the main CLI by qdylora.cli."""
+"""`qdylora sweep`: evaluate one adapter at many ranks (table, JSON, CSV, plot)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .sweep import TASKS
+from ..eval.sweep import TASKS
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +44,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run a sweep from parsed arguments; prints the table and where the files went."""
-    from .sweep import parse_ranks, sweep
+    from ..eval.sweep import parse_ranks, sweep
 
     ranks = parse_ranks(args.ranks) if args.ranks is not None else None
     result = sweep(args.adapter_dir, ranks, task=args.task, data=args.data, shots=args.shots,
@@ -55,19 +54,3 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"total {result.total_seconds:.1f} s; wrote " + ", ".join(result.settings.get("files", [])))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m qdylora.cli_sweep ...`); errors print one line, exit code 2."""
-    parser = argparse.ArgumentParser(prog="qdylora")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qdylora sweep: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

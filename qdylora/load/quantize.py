@@ -1,11 +1,9 @@
-"""Load a causal LM and freeze its linears in bitsandbytes NF4 with double quantization (QLoRA storage)."""
+"""Freeze a model's linears in bitsandbytes NF4 with double quantization (QLoRA storage), one layer at a time."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
@@ -50,7 +48,7 @@ def quantize_linear(linear: nn.Linear, device: torch.device | str | None = None,
     if not getattr(q.weight, "bnb_quantized", False):
         q.weight = q.weight._quantize(device) if hasattr(q.weight, "_quantize") else q.weight
     q.weight.requires_grad_(False)
-    _keep_standard_layout(q)
+    keep_standard_layout(q)
     return q
 
 
@@ -68,18 +66,36 @@ def packed_nf4(module: bnb.nn.Linear4bit):
     return w.data, w.quant_state
 
 
+def is_4bit_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear (the only base DyLoRALinear wraps)."""
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """A full-precision linear (nn.Linear or a subclass such as Falcon's FalconLinear), not a bnb one."""
     return isinstance(module, nn.Linear) and not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def _keep_standard_layout(module: bnb.nn.Linear4bit) -> None:
+def keep_standard_layout(module: bnb.nn.Linear4bit) -> None:
     """Stop bnb's CPU inference path from repacking the weight (it also computes in bf16 there)."""
     module.support_avx512bf16_for_cpu = False
 
 
-def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+def is_skipped(name: str, skip: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> bool:
+    """True when module `name` (or its last part) is one of `skip`: it stays in full precision."""
     return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def nf4_linear_names(model: nn.Module, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES,
+                     include_4bit: bool = True) -> list[str]:
+    """Names of the linears stored in NF4: every linear but the skipped ones (the LM head), already 4-bit or not."""
+    return [n for n, m in model.named_modules()
+            if (is_plain_linear(m) or (include_4bit and is_4bit_linear(m))) and not is_skipped(n, skip_modules)]
+
+
+def quantizable_linear_names(model: nn.Module, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> list[str]:
+    """Names of the full-precision linears that become NF4."""
+    return nf4_linear_names(model, skip_modules, include_4bit=False)
 
 
 def quantize_model(model: nn.Module, device: torch.device | str | None = None,
@@ -88,17 +104,19 @@ def quantize_model(model: nn.Module, device: torch.device | str | None = None,
     """Replace every nn.Linear except the skipped ones (LM head) by NF4 Linear4bit, one at a time."""
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
-    for name, module in list(model.named_modules()):
-        if is_plain_linear(module) and not _is_skipped(name, skip_modules):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, quantize_linear(module, device, compute_dtype))
-            del module  # free the full-precision weight before the next layer
+    for name in quantizable_linear_names(model, skip_modules):
+        replace_module(model, name, quantize_linear(model.get_submodule(name), device, compute_dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)
     model.is_loaded_in_4bit = True  # what peft / transformers look at for a 4-bit model
     return model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where submodule `name` was (the old one is freed once nothing else holds it)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def quantized_linears(model: nn.Module) -> dict[str, bnb.nn.Linear4bit]:
@@ -138,45 +156,3 @@ def base_fingerprint(model: nn.Module) -> dict:
     if source:
         fp["source"] = str(source)  # what to pass as --model to load this base again
     return fp
-
-
-def load_quantized_model(model: str | os.PathLike | nn.Module, gguf_file: str | None = None,
-                         device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
-                         skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> nn.Module:
-    """A causal LM (hub id, local folder, GGUF file, or a model object) with NF4 linears.
-
-    A model that is already bnb 4-bit is checked and kept as it is.
-    """
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(device) if device is not None else default_device()
-    compute_dtype = compute_dtype or default_compute_dtype(device)
-    if isinstance(model, nn.Module):
-        m = model
-    else:
-        path = Path(model)
-        if path.is_file() and path.suffix == ".gguf":
-            path, gguf_file = path.parent, path.name
-        kwargs = {"dtype": compute_dtype, "low_cpu_mem_usage": True}
-        if gguf_file:
-            kwargs["gguf_file"] = gguf_file
-        m = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model), **kwargs)
-    if gguf_file:
-        # transformers dequantized the GGUF tensors on load; drop its GGUF marker so the model is
-        # seen as what it now is (full precision, about to become NF4), which Trainer accepts
-        m.hf_quantizer = None
-        m.is_quantized = False
-        if hasattr(m.config, "quantization_config"):
-            del m.config.quantization_config
-    existing = quantized_linears(m)
-    if existing:
-        for layer in existing.values():
-            check_nf4_storage(layer)
-            _keep_standard_layout(layer)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        return m
-    m = quantize_model(m, device, compute_dtype, skip_modules)
-    if gguf_file and hasattr(m, "config"):
-        m.config._name_or_path = str(gguf_file)  # the GGUF file names the model; its folder is incidental
-    return m

@@ -1,4 +1,4 @@
-"""Adapters on disk: qdylora's own format (all r_max components) and export to a plain peft LoRA."""
+"""Adapters on disk in qdylora's own format: every r_max component, the config and the base's fingerprint."""
 
 from __future__ import annotations
 
@@ -10,20 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
+from ..errors import AdapterError
+from ..load.quantize import base_fingerprint
+from .attach import adapter_parameters, attach_adapters, base_module_name, dylora_layers
 from .config import QDyLoRAConfig
 from .layer import DyLoRALinear
-from .model import _base_path, adapter_parameters, attach_adapters, dylora_layers
-from .quantize import base_fingerprint
 
 WEIGHTS_NAME = "qdylora_adapter.safetensors"
 CONFIG_NAME = "qdylora_config.json"
-EXPORT_META_NAME = "qdylora_export.json"
 FORMAT_VERSION = 1
-
-
-class AdapterError(ValueError):
-    """An adapter folder is missing, malformed, or does not fit this base model."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -100,7 +96,7 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
     for name, m in model.named_modules():
         if not isinstance(m, DyLoRALinear):
             continue
-        path = _base_path(name)
+        path = base_module_name(name)
         try:
             A, B = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
         except KeyError:
@@ -113,38 +109,3 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
     extra = sorted(set(tensors) - seen)
     if extra:
         raise AdapterError(f"the adapter has weights for {len(extra)} tensors this model lacks (e.g. {extra[0]})")
-
-
-def _peft_target_names(paths: list[str]) -> list[str]:
-    """Suffix names, as LoRA consumers expect; a same-named module that was not adapted gets peft's B = 0."""
-    return sorted({p.rpartition(".")[2] for p in paths})
-
-
-def export_peft(adapter_dir: str | os.PathLike, rank: int, output: str | os.PathLike,
-                overwrite: bool = False) -> Path:
-    """Write a plain peft LoRA adapter of rank `rank` (A[:rank], B[:, :rank], lora_alpha = alpha)."""
-    from peft import LoraConfig
-
-    meta, tensors = read_adapter(adapter_dir)
-    cfg = QDyLoRAConfig.from_dict(meta["qdylora"])
-    rank = cfg.check_rank(rank)
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite")
-    targets = list(meta["targets"])
-    peft_tensors = {}
-    for path in targets:
-        A, B = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
-        peft_tensors[f"base_model.model.{path}.lora_A.weight"] = A[:rank].contiguous()
-        peft_tensors[f"base_model.model.{path}.lora_B.weight"] = B[:, :rank].contiguous()
-    names = _peft_target_names(targets)
-    lora = LoraConfig(r=rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=names,
-                      bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=meta["base_model"].get("name"))
-    with atomic_dir(output) as tmp:
-        lora.save_pretrained(str(tmp))
-        save_file(peft_tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / EXPORT_META_NAME).write_text(json.dumps(
-            {"exported_rank": rank, "scale": cfg.alpha / rank, "source": str(Path(adapter_dir).resolve()),
-             "qdylora": meta["qdylora"], "base_model": meta["base_model"]}, indent=2))
-    return output

@@ -8,19 +8,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import DEFAULT_TARGET_MODULES, ConfigError, QDyLoRAConfig
-from .layer import DyLoRALinear, is_4bit_linear
-from .quantize import DEFAULT_SKIP_MODULES, is_plain_linear
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules()
-            if (is_4bit_linear(m) or is_plain_linear(m)) and n.rpartition(".")[2] not in DEFAULT_SKIP_MODULES]
+from ..errors import ConfigError
+from ..load.quantize import is_4bit_linear, nf4_linear_names
+from .config import DEFAULT_TARGET_MODULES, QDyLoRAConfig
+from .layer import DyLoRALinear
 
 
 def resolve_targets(model: nn.Module, targets: Iterable[str] | None) -> list[str]:
     """Full names of the 4-bit linears matched by `targets` (suffix names); a clear error if any matches nothing."""
-    names = _linear_names(model)
+    names = nf4_linear_names(model)
     explicit = targets is not None
     wanted = list(targets) if explicit else list(DEFAULT_TARGET_MODULES)
     if explicit and list(wanted) == ["all-linear"]:
@@ -87,10 +83,10 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
 
 def adapter_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module path (as in the base model) -> (A [r_max, in], B [out, r_max]), detached copies."""
-    return {_base_path(name): m.factors() for name, m in model.named_modules() if isinstance(m, DyLoRALinear)}
+    return {base_module_name(name): m.factors() for name, m in model.named_modules() if isinstance(m, DyLoRALinear)}
 
 
-def _base_path(name: str) -> str:
+def base_module_name(name: str) -> str:
     """Strip peft's wrapper prefix so names are those of the base model."""
     for prefix in ("base_model.model.",):
         if name.startswith(prefix):

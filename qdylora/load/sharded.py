@@ -34,22 +34,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quantize import DEFAULT_SKIP_MODULES, default_compute_dtype, quantize_linear
+from .quantize import (DEFAULT_SKIP_MODULES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE, default_compute_dtype,
+                       quantizable_linear_names, quantize_linear, replace_module)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def quantizable_linears(model: nn.Module, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> list[str]:
-    """Names of the linears to store in NF4 (isinstance, so subclasses such as FalconLinear count)."""
-    import bitsandbytes as bnb
-
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not isinstance(m, bnb.nn.Linear4bit) and not _is_skipped(n, skip_modules)]
 
 
 def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
@@ -90,11 +79,6 @@ def _trim_heap() -> None:
 _MALLOC_TRIM = None
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 # values per chunk when quantizing on the CPU: bitsandbytes' CPU kernel needs ~15 B of scratch per value
 CPU_CHUNK_VALUES = 1 << 18
 
@@ -109,8 +93,6 @@ def quantize_linear_chunked(weight: torch.Tensor, bias: torch.Tensor | None, com
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-
-    from .quantize import NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 
     out_f, in_f = weight.shape
     flat = weight.detach().contiguous().reshape(-1)
@@ -144,7 +126,7 @@ def _quantize_from(model: nn.Module, name: str, weight: torch.Tensor, bias: torc
                    device: torch.device, compute_dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> None:
     """Quantize one linear from its loaded weight/bias and put the NF4 layer in its place."""
     if device.type == "cpu" and weight.device.type == "cpu":
-        _replace_module(model, name, quantize_linear_chunked(weight, bias, compute_dtype, chunk_values))
+        replace_module(model, name, quantize_linear_chunked(weight, bias, compute_dtype, chunk_values))
         del weight, bias
         _trim_heap()
         return
@@ -153,7 +135,7 @@ def _quantize_from(model: nn.Module, name: str, weight: torch.Tensor, bias: torc
     lin.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias, requires_grad=False)
-    _replace_module(model, name, quantize_linear(lin, device, compute_dtype))
+    replace_module(model, name, quantize_linear(lin, device, compute_dtype))
 
 
 def _tie_or_check(model: nn.Module) -> None:
@@ -216,7 +198,7 @@ def load_quantized_sharded(
     compute_dtype = compute_dtype or default_compute_dtype(device)
     config = AutoConfig.from_pretrained(str(folder))
     model = build_meta_model(config, dtype)
-    targets = set(quantizable_linears(model, skip_modules))
+    targets = set(quantizable_linear_names(model, skip_modules))
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     pending: dict[str, dict[str, torch.Tensor]] = {}  # linear -> the parts read so far
     read_on = str(device) if device.type == "cuda" else "cpu"
@@ -280,7 +262,7 @@ def quantize_random_init(
     compute_dtype = compute_dtype or default_compute_dtype(device)
     model = build_meta_model(config, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
-    names = quantizable_linears(model, skip_modules)
+    names = quantizable_linear_names(model, skip_modules)
     for i, name in enumerate(names):
         lin = model.get_submodule(name)
         w = torch.randn(lin.out_features, lin.in_features, generator=gen, device=device, dtype=dtype).mul_(std)
@@ -310,25 +292,4 @@ def quantize_random_init(
     return model
 
 
-def nf4_model_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters and 4-bit states occupy (for checks and reports)."""
-    from .planner import quantized_bytes
-    import bitsandbytes as bnb
-
-    q_ids = set()
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            q_ids.add(id(m.weight))
-            if m.bias is not None:
-                q_ids.add(id(m.bias))
-    seen, other = set(), 0
-    for p in model.parameters():
-        if id(p) in q_ids or id(p) in seen:
-            continue
-        seen.add(id(p))
-        other += p.numel() * p.element_size()
-    return quantized_bytes(model) + other
-
-
-__all__ = ["load_quantized_sharded", "quantize_random_init", "quantizable_linears", "build_meta_model",
-           "nf4_model_bytes"]
+__all__ = ["load_quantized_sharded", "quantize_random_init", "build_meta_model", "quantize_linear_chunked"]

@@ -1,4 +1,4 @@
-"""`qdylora` command line: train, export, sweep, plan."""
+"""`qdylora train`: fine-tune a DyLoRA adapter on a 4-bit base, then report exact match per rank on the embedded task."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import sys
 
 
-def _add_train(sub) -> None:
+def register(sub) -> None:
+    """Add the `train` sub-command."""
     p = sub.add_parser("train", help="fine-tune a DyLoRA adapter on a 4-bit base (default: SmolLM2-135M, embedded task)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="Hugging Face model id, local folder or .gguf file (default: SmolLM2-135M-Instruct "
@@ -55,8 +56,8 @@ def _parse_ranks(text: str | None) -> list[int]:
 
 
 def _run_train(args) -> int:
-    from .config import QDyLoRAConfig
-    from .train import TrainConfig, train
+    from ..adapters.config import QDyLoRAConfig
+    from ..train import TrainConfig, train
 
     qcfg = QDyLoRAConfig(
         r_min=args.r_min, r_max=args.r_max, alpha=args.alpha, dropout=args.dropout, update=args.update,
@@ -76,80 +77,11 @@ def _run_train(args) -> int:
     print(f"adapter saved to {result['adapter']} (ranks {qcfg.r_min}..{qcfg.r_max})")
     ranks = [r for r in _parse_ranks(args.sweep_ranks) if qcfg.r_min <= r <= qcfg.r_max]
     if ranks and not args.data:
-        from .default_task import default_splits, exact_match
-        from .model import set_rank
+        from ..eval.sweep import sweep_model
 
-        model, tok = result["model"], result["tokenizer"]
-        held = default_splits()[1]
         print("\nexact-match accuracy on held-out embedded-task items")
+        result = sweep_model(result["model"], result["tokenizer"], ranks, task="default", progress=False)
         print(f"{'rank':>6} {'accuracy':>9}")
-        with model.disable_adapter():
-            print(f"{'base':>6} {exact_match(model, tok, held):>9.3f}")
-        for r in ranks:
-            set_rank(model, r)
-            print(f"{r:>6} {exact_match(model, tok, held):>9.3f}")
+        for row in result.rows:
+            print(f"{row['label']:>6} {row['accuracy']:>9.3f}")
     return 0
-
-
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write one rank of a qdylora adapter as a plain peft LoRA adapter")
-    p.add_argument("adapter_dir", metavar="DIR", help="a qdylora adapter folder (RUN/adapter) or a run folder")
-    p.add_argument("--rank", type=int, required=True, help="rank R of the exported LoRA (A[:R], B[:, :R])")
-    p.add_argument("--output", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.set_defaults(func=_run_export)
-
-
-def _run_export(args) -> int:
-    from pathlib import Path
-
-    from .adapter_io import CONFIG_NAME, export_peft
-    from .train import ADAPTER_SUBDIR
-
-    src = Path(args.adapter_dir)
-    if not (src / CONFIG_NAME).exists() and (src / ADAPTER_SUBDIR / CONFIG_NAME).exists():
-        src = src / ADAPTER_SUBDIR
-    out = export_peft(src, args.rank, args.output, overwrite=args.overwrite)
-    print(f"wrote peft LoRA adapter of rank {args.rank} to {out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="qdylora", description="Dynamic-rank LoRA on a 4-bit base: "
-                                     "train once, use any rank.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_export(sub)
-    for name in ("cli_sweep", "cli_plan"):
-        try:
-            module = __import__(f"qdylora.{name}", fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `qdylora` command; errors print one clear line, not a traceback."""
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    from .adapter_io import AdapterError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import TrainingError
-
-    try:
-        return args.func(args) or 0
-    except (ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 # Every linear of attention and MLP in the common decoder families (Llama, Mistral, Qwen,
 # Gemma, Falcon, GPT-NeoX, GPT-2, OPT, Phi). Names that a model lacks are ignored as long
 # as at least one matches.
@@ -21,10 +23,6 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 
 UPDATE_MODES = ("frozen", "nested")
 SAMPLERS = ("uniform", "geometric", "list")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the value and the fix."""
 
 
 @dataclass

@@ -1,0 +1,171 @@
+"""Measuring memory: live tensor bytes of a step (any device), bytes of NF4 storage, and the planner against a measured CPU step.
+
+`measure_training_step` quantizes a random-weight model of a config to NF4, attaches r_max=64
+adapters in nested mode at rank 64 (every component gets a gradient and optimizer state) and runs
+one step of bitsandbytes PagedAdamW32bit (unpaged on the CPU). Static items are tensor bytes; the
+step's peak comes from TensorMemoryTracker (live tensor storages). Its tests and benchmark share it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .architecture import config_from_dict, load_config_dict
+from .estimate import plan_memory
+from .plan import MemoryPlan
+
+ITEMS = ("nf4_weights", "unquantized_params", "adapters", "adapter_grads", "optimizer_state")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one tensor count once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str = "fp32", seq_len: int = 128,
+                          layers: int | None = None) -> tuple[MemoryPlan, dict[str, int]]:
+    """(the planner's plan, measured bytes per item plus 'peak') for one rank-64 step of `config` on the CPU."""
+    import bitsandbytes as bnb
+
+    from ..adapters.config import QDyLoRAConfig
+    from ..load.sharded import quantize_random_init
+    from ..adapters.attach import attach_adapters, set_rank
+
+    d, src = load_config_dict(config)
+    if layers:
+        d["num_hidden_layers"] = layers
+    cfg = config_from_dict(d, src)
+    cfg.use_cache = False
+    model = quantize_random_init(cfg, "cpu", compute_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
+    model = attach_adapters(model, QDyLoRAConfig(r_max=64, update="nested"))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    set_rank(model, 64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    q_ids = {id(p) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) for p in m.parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in q_ids and not p.requires_grad]
+    measured = {"nf4_weights": quantized_bytes(model), "unquantized_params": storage_bytes(frozen),
+                "adapters": storage_bytes(params)}
+    opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with TensorMemoryTracker() as tr:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        step_peak = tr.peak  # activations, logits, transients and gradients
+        del out
+        opt.step()
+    measured["adapter_grads"] = storage_bytes(p.grad for p in params)
+    measured["optimizer_state"] = storage_bytes(t for st in opt.state.values() for t in st.values()
+                                                if torch.is_tensor(t))
+    static = measured["nf4_weights"] + measured["unquantized_params"] + measured["adapters"]
+    # the state exists from the first step on, so a steady-state step peaks at static + state + step peak
+    measured["peak"] = static + measured["optimizer_state"] + max(step_peak, tr.peak - measured["optimizer_state"])
+    plan = plan_memory(config, r_max=64, seq_len=seq_len, optim="paged_adamw_32bit",
+                       gradient_checkpointing=gradient_checkpointing, dtype=dtype, update="nested",
+                       kernel="reference", device="cpu", autocast=False, layers=layers)
+    return plan, measured
+
+
+class TensorMemoryTracker:
+    """Live and peak bytes of tensor storages allocated inside the context (any device, incl. CPU).
+
+    A TorchDispatchMode sees every op's outputs; a storage not shared with an input is a new
+    allocation, and a weakref finalizer on the storage says when it is freed. Tensors made
+    before entering are not counted, so around a training step it measures activations,
+    gradients, optimizer state and transients, not the model.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        tracker._see(t.untyped_storage(), inputs)
+                return out
+
+        self._mode = _Mode()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def _see(self, storage, inputs: set[int]) -> None:
+        key, n = id(storage), storage.nbytes()
+        if key in self.live:  # resized in place
+            self.current += n - self.live[key]
+            self.live[key] = n
+        elif key not in inputs:  # a new allocation (views and in-place results share an input's storage)
+            self.live[key] = n
+            self.current += n
+            weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.current)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the current live bytes."""
+        self.peak = self.current
+
+    def __enter__(self) -> "TensorMemoryTracker":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of every bnb 4-bit weight in `module`: packed data, absmax, nested absmax, codes, offset, bias."""
+    import bitsandbytes as bnb
+
+    total = 0
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            tensors = [m.weight.data, qs.absmax, qs.code]
+            if qs.offset is not None:
+                tensors.append(qs.offset)
+            if qs.state2 is not None:
+                tensors += [qs.state2.absmax, qs.state2.code]
+            if m.bias is not None:
+                tensors.append(m.bias)
+            total += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+    return total
+
+
+def nf4_model_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and 4-bit states occupy (for checks and reports)."""
+    import bitsandbytes as bnb
+
+    q_ids = set()
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            q_ids.add(id(m.weight))
+            if m.bias is not None:
+                q_ids.add(id(m.bias))
+    seen, other = set(), 0
+    for p in model.parameters():
+        if id(p) in q_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        other += p.numel() * p.element_size()
+    return quantized_bytes(model) + other

@@ -1,0 +1,73 @@
+"""Trainer callbacks: the rank of each optimizer step, the progress bar and JSONL log, Ctrl-C handling."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from ..adapters.attach import set_rank
+from ..adapters.rank_sampler import RankSampler
+
+
+class RankCallback(TrainerCallback):
+    """One rank per optimizer step (all gradient-accumulation micro-steps share it), from (seed, step)."""
+
+    def __init__(self, model, sampler: RankSampler | None) -> None:
+        self.model, self.sampler, self.rank = model, sampler, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None:
+            self.rank = self.sampler.sample(state.global_step)
+            set_rank(self.model, self.rank)
+
+
+class LogCallback(TrainerCallback):
+    """tqdm bar (loss, rank, tokens/s) and one JSON line per log event."""
+
+    def __init__(self, log_path: Path, rank_cb: RankCallback, trainer_ref) -> None:
+        self.log_path, self.rank_cb, self.trainer_ref = log_path, rank_cb, trainer_ref
+        self.bar = None
+        self.t0 = self.tok0 = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+        self.t0, self.tok0 = time.perf_counter(), self.trainer_ref.tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" not in logs:
+            return
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        tps = (self.trainer_ref.tokens_seen - self.tok0) / dt
+        rec = {"step": state.global_step, "loss": logs["loss"], "rank": self.rank_cb.rank,
+               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+               "tokens_per_s": round(tps, 2), "tokens_seen": self.trainer_ref.tokens_seen,
+               "elapsed_s": round(dt, 3)}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", rank=self.rank_cb.rank, tok_s=f"{tps:.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
