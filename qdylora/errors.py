@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class QDyLoRAError(Exception):
     """Base of every user-facing error; `qdylora` prints its message and exits with code 2."""
@@ -29,3 +32,17 @@ class TrainingError(QDyLoRAError, RuntimeError):
 
 class PlannerError(QDyLoRAError, ValueError):
     """Bad planner input; the message names the problem and the fix."""
+
+
+def check_int(name: str, value: Any, minimum: int, flag: str | None = None) -> None:
+    """ConfigError unless `value` is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag or name} {value!r} must be an integer >= {minimum}")
+
+
+def check_float(name: str, value: Any, minimum: float, strict: bool = False, flag: str | None = None) -> None:
+    """ConfigError unless `value` is a finite number >= minimum (> minimum when strict)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ConfigError(f"{flag or name} {value!r} must be a finite number {'>' if strict else '>='} {minimum}")

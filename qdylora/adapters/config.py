@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_float, check_int
 
 # Every linear of attention and MLP in the common decoder families (Llama, Mistral, Qwen,
 # Gemma, Falcon, GPT-NeoX, GPT-2, OPT, Phi). Names that a model lacks are ignored as long
@@ -47,7 +47,7 @@ class QDyLoRAConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field and how to fix it."""
-        if not isinstance(self.r_min, int) or not isinstance(self.r_max, int):
+        if any(isinstance(r, bool) or not isinstance(r, int) for r in (self.r_min, self.r_max)):
             raise ConfigError(f"r_min and r_max must be integers, got r_min={self.r_min!r}, r_max={self.r_max!r}.")
         if self.r_min < 1:
             raise ConfigError(f"r_min={self.r_min} must be >= 1; use --r-min 1 or larger.")
@@ -60,18 +60,27 @@ class QDyLoRAConfig:
             raise ConfigError(f"update={self.update!r} is unknown; use one of {', '.join(UPDATE_MODES)}.")
         if self.rank_sampler not in SAMPLERS:
             raise ConfigError(f"rank_sampler={self.rank_sampler!r} is unknown; use one of {', '.join(SAMPLERS)}.")
+        if self.rank_list is not None and self.rank_sampler != "list":
+            raise ConfigError(f"rank_list is used only with rank_sampler='list' (--rank-sampler list), not "
+                              f"{self.rank_sampler!r}; drop --rank-list or pass --rank-sampler list.")
         if self.rank_sampler == "list":
             if not self.rank_list:
                 raise ConfigError("rank_sampler='list' needs rank_list, e.g. rank_list=[1, 4, 16, 64].")
+            if any(isinstance(r, bool) or not isinstance(r, int) for r in self.rank_list):
+                raise ConfigError(f"rank_list {self.rank_list!r} must hold integers, e.g. [1, 4, 16, 64].")
             bad = [r for r in self.rank_list if not (self.r_min <= int(r) <= self.r_max)]
             if bad:
                 raise ConfigError(f"rank_list has ranks {bad} outside [r_min, r_max] = [{self.r_min}, {self.r_max}].")
         if self.rank_sampler == "geometric" and not (0.0 < self.geometric_p <= 1.0):
             raise ConfigError(f"geometric_p={self.geometric_p} must be in (0, 1].")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
-        if self.alpha <= 0:
-            raise ConfigError(f"alpha={self.alpha} must be positive.")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1) (--dropout).")
+        check_float("alpha", self.alpha, 0.0, strict=True, flag="--alpha")
+        check_int("seed", self.seed, 0, "--seed")
+        if self.target_modules is not None and (isinstance(self.target_modules, str) or not self.target_modules or not all(
+                isinstance(t, str) and t for t in self.target_modules)):
+            raise ConfigError(f"target_modules {self.target_modules!r} must be a non-empty list of module names, "
+                              "e.g. ['q_proj', 'v_proj'] (--target-modules q_proj,v_proj)")
 
     def check_rank(self, rank: int) -> int:
         """Return rank if it lies in [r_min, r_max], else raise a ConfigError that says the range."""
@@ -94,8 +103,11 @@ class QDyLoRAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QDyLoRAConfig":
+    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> "QDyLoRAConfig":
+        """The config from a dict; unknown keys are ignored, or refused with strict=True."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if strict and set(d) - names:
+            raise ConfigError(f"unknown adapter setting(s) {', '.join(sorted(set(d) - names))}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, path: str | Path) -> None:

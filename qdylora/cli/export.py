@@ -14,15 +14,10 @@ def register(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from pathlib import Path
-
     from ..adapters.export import export_peft
-    from ..adapters.files import CONFIG_NAME
-    from ..train.run_folder import ADAPTER_SUBDIR
+    from ..train.run_folder import find_adapter
 
-    src = Path(args.adapter_dir)
-    if not (src / CONFIG_NAME).exists() and (src / ADAPTER_SUBDIR / CONFIG_NAME).exists():
-        src = src / ADAPTER_SUBDIR
-    out = export_peft(src, args.rank, args.output, overwrite=args.overwrite)
+    src, run = find_adapter(args.adapter_dir)
+    out = export_peft(src, args.rank, args.output, overwrite=args.overwrite, protect=run)
     print(f"wrote peft LoRA adapter of rank {args.rank} to {out}")
     return 0

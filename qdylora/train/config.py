@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from ..errors import TrainingError
+from ..errors import ConfigError, check_float, check_int
 
 OPTIMIZERS = ("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
+# the command-line flag of each setting, for messages
+FLAGS = {"max_steps": "--max-steps", "learning_rate": "--lr", "batch_size": "--batch-size",
+         "grad_accum": "--grad-accum", "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps",
+         "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "optim": "--optim",
+         "save_steps": "--save-steps", "save_total_limit": "--save-total-limit", "logging_steps": "--logging-steps",
+         "seed": "--seed"}
 
 
 @dataclass
@@ -20,21 +28,38 @@ class TrainConfig:
     max_seq_len: int = 256
     warmup_steps: int = 5
     weight_decay: float = 0.0
-    max_grad_norm: float = 0.3  # QLoRA's value
+    max_grad_norm: float = 0.3  # QLoRA's value; 0 turns clipping off
     # auto: bitsandbytes paged AdamW 32-bit on CUDA; torch's AdamW on CPU, where bnb's paged optimizer
     # is unpaged anyway and steps each of the many small adapter tensors one Python call at a time
     optim: str = "auto"
     gradient_checkpointing: bool = True
     save_steps: int = 20
+    save_total_limit: int = 3  # checkpoints kept (the newest ones); the final adapter is kept besides
     logging_steps: int = 1
     seed: int = 0
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """Raise ConfigError naming the flag and the allowed values."""
         if self.optim not in OPTIMIZERS:
-            raise TrainingError(f"optim={self.optim!r} is unknown; use one of {', '.join(sorted(OPTIMIZERS))}")
-        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name}={getattr(self, name)} must be >= 1")
-        if not self.learning_rate > 0:
-            raise TrainingError(f"learning_rate={self.learning_rate} must be positive")
+            raise ConfigError(f"--optim {self.optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "save_steps", "save_total_limit",
+                     "logging_steps"):
+            check_int(name, getattr(self, name), 1, FLAGS[name])
+        check_int("warmup_steps", self.warmup_steps, 0, FLAGS["warmup_steps"])
+        check_int("seed", self.seed, 0, FLAGS["seed"])
+        check_float("learning_rate", self.learning_rate, 0.0, strict=True, flag=FLAGS["learning_rate"])
+        check_float("weight_decay", self.weight_decay, 0.0, flag=FLAGS["weight_decay"])
+        check_float("max_grad_norm", self.max_grad_norm, 0.0, flag=FLAGS["max_grad_norm"])
+        if self.bf16 not in (None, True, False):
+            raise ConfigError(f"bf16={self.bf16!r} must be True, False or None (automatic)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

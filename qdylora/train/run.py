@@ -1,45 +1,166 @@
-"""`train`: load -> quantize -> attach adapters -> train into a run folder; what `qdylora train` calls."""
+"""`train`: load -> quantize -> attach adapters -> train into a run folder; what `qdylora train` calls.
+
+A new run validates everything (settings, data, model, targets, a writable folder) before it writes
+or replaces anything. A resumed run takes every setting from run_config.json; a setting given again
+must match it, except max_steps, which may grow (training continues) and the settings that do not
+change what is trained (checkpointing, logging).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..adapters.config import QDyLoRAConfig
+from ..atomic import remove_stale
+from ..errors import TrainingError
 from .config import TrainConfig
-from .run_folder import RUN_NAME, prepare_output_dir
-from .trainer import train_model
+from .run_folder import (ADAPTER_SUBDIR, check_writable, checkpoints, holds_run, latest_checkpoint, read_log,
+                         read_run_config, remove_run, truncate_log, write_run_config)
+
+# settings a resume may change: they do not change what is trained
+FREE_ON_RESUME = {"save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing"}
+SETTING_FLAGS = {"model": "--model", "data": "--data", "r_min": "--r-min", "r_max": "--r-max", "alpha": "--alpha",
+                 "dropout": "--dropout", "update": "--update", "target_modules": "--target-modules",
+                 "rank_sampler": "--rank-sampler", "rank_list": "--rank-list", "geometric_p": "--geometric-p",
+                 "learning_rate": "--lr", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+                 "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay",
+                 "max_grad_norm": "--max-grad-norm", "optim": "--optim", "seed": "--seed", "max_steps": "--max-steps"}
 
 
-def train(model: str | None = None, data: str | None = None, output_dir: str = "runs/qdylora",
-          qdylora_config: QDyLoRAConfig | None = None, train_config: TrainConfig | None = None,
-          resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Load (default: SmolLM2-135M) -> quantize -> attach adapters -> train; mirrors `qdylora train`."""
+def _configs(settings: dict[str, Any]) -> tuple[QDyLoRAConfig, TrainConfig]:
+    """(adapter config, train config) from settings {'qdylora': {...}, 'train': {...}}."""
+    return QDyLoRAConfig.from_dict(settings["qdylora"], strict=True), TrainConfig(**settings["train"])
+
+
+def _resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The run's saved settings with the allowed changes from `given` applied; refuses the others."""
+    saved = read_run_config(out)
+    q_names, t_names = {f.name for f in dataclasses.fields(QDyLoRAConfig)}, TrainConfig.field_names()
+    unknown = sorted((set(saved["qdylora"]) - q_names) | (set(saved["train"]) - t_names))
+    if unknown:
+        raise TrainingError(f"{out / 'run_config.json'} has unknown setting(s) {', '.join(unknown)} "
+                            "(written by another qdylora version?); resume it with that version, or start again "
+                            "with --overwrite")
+    merged = {"model": saved.get("model"), "data": saved.get("data"), "qdylora": dict(saved["qdylora"]),
+              "train": dict(saved["train"])}
+    changes = [((k,), v, saved.get(k)) for k, v in given.items() if k in ("model", "data")]
+    for group in ("qdylora", "train"):
+        changes += [((group, k), v, saved[group].get(k)) for k, v in given.get(group, {}).items()]
+    for where, value, old in changes:
+        key = where[-1]
+        if key == "max_steps" or key in FREE_ON_RESUME:
+            merged[where[0]][key] = value
+        elif value != old:
+            flag = SETTING_FLAGS.get(key, key)
+            raise TrainingError(f"{flag} {value!r} differs from this run's {old!r}; a resumed run keeps its "
+                                f"settings. Drop {flag} to continue the run, or start a new run in another --output")
+    return merged
+
+
+def _finished_step(out: Path) -> int | None:
+    """The step at which the finished adapter was written, or None when there is none."""
+    import json
+
+    from ..adapters.files import CONFIG_NAME
+
+    try:
+        return int(json.loads((out / ADAPTER_SUBDIR / CONFIG_NAME).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], Path | None, str | None]:
+    """(settings, checkpoint to resume from or None, 'finished' message or None)."""
+    if not holds_run(out):
+        raise TrainingError(f"--resume: {out} holds no checkpoint-N folder to resume from (no training run there); "
+                            "run without --resume to start one")
+    settings = _resume_settings(out, given)
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        logged = read_log(out)
+        where = f" (it stopped at step {logged[-1]['step']})" if logged else ""
+        raise TrainingError(f"--resume: {out} has no usable checkpoint-N folder{where}, so there is nothing to "
+                            "continue from; start it again with --overwrite")
+    step = int(ckpt.name.split("-")[-1])
+    max_steps = settings["train"]["max_steps"]
+    was = read_run_config(out)["train"].get("max_steps")
+    done = _finished_step(out)
+    if step >= max_steps and done is not None and done >= max_steps:
+        return settings, None, (f"{out} is already finished: trained to step {done} of --max-steps {max_steps}, "
+                                f"adapter in {out / ADAPTER_SUBDIR}. Pass a larger --max-steps to train on.")
+    if step >= max_steps:
+        raise TrainingError(f"--max-steps {max_steps} is not beyond this run's last checkpoint (step {step}); "
+                            "pass a larger --max-steps to continue")
+    if max_steps != was:
+        print(f"continuing {out} from step {step} to --max-steps {max_steps} (was {was})", file=sys.stderr)
+    return settings, ckpt, None
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if holds_run(out) and not overwrite:
+        if not checkpoints(out) and not (out / ADAPTER_SUBDIR).exists():
+            raise TrainingError(f"{out} holds a run that stopped before its first checkpoint; pass --overwrite to "
+                                "start it again, or choose another --output")
+        raise TrainingError(f"{out} already holds a training run; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --output")
+
+
+def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = False,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Train into `output_dir` from the settings the user gave: {'model', 'data', 'qdylora': {...}, 'train': {...}}."""
     from ..adapters.attach import attach_adapters
     from ..data.embedded_task import default_splits
     from ..data.examples import build_dataset
     from ..data.records import load_records
     from ..load.model import load_model_and_tokenizer
+    from .trainer import train_model
 
-    qcfg = qdylora_config or QDyLoRAConfig()
-    tcfg = train_config or TrainConfig()
-    qcfg.validate()
-    tcfg.validate()
-    resume_from = prepare_output_dir(output_dir, resume, overwrite)
-    if resume_from:
-        saved = json.loads((Path(output_dir) / RUN_NAME).read_text())
-        qcfg = QDyLoRAConfig.from_dict(saved["qdylora"])
-        tcfg = TrainConfig(**{**saved["train"], "max_steps": tcfg.max_steps})
-        model, data = saved["model"], saved["data"]
+    out = Path(output_dir)
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; pass one")
+    check_writable(out)
+    if resume:
+        settings, ckpt, finished = _prepare_resume(out, given)
+        if finished:
+            qcfg, _ = _configs(settings)
+            return {"finished": True, "message": finished, "interrupted": False, "qdylora_config": qcfg,
+                    "adapter": str(out / ADAPTER_SUBDIR)}
+    else:
+        _refuse_existing(out, overwrite)
+        settings, ckpt = given, None
+    model_name, data = settings.get("model"), settings.get("data")
+    qcfg, tcfg = _configs({"qdylora": settings.get("qdylora", {}), "train": settings.get("train", {})})
+    # every input is read and checked before anything in the folder changes
     records = load_records(data) if data else default_splits()[0]
-    base, tokenizer = load_model_and_tokenizer(model)
+    base, tokenizer = load_model_and_tokenizer(model_name)
     dataset = build_dataset(records, tokenizer, tcfg.max_seq_len)
     peft_model = attach_adapters(base, qcfg)
-    if not resume_from:
-        run = {"model": model, "data": data, "qdylora": qcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
-        (Path(output_dir) / RUN_NAME).write_text(json.dumps(run, indent=2))
-    summary = train_model(peft_model, tokenizer, dataset, tcfg, output_dir, resume_from)
-    summary.update(model=peft_model, tokenizer=tokenizer)
+    if overwrite:
+        remove_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    if ckpt is not None:
+        truncate_log(out, int(ckpt.name.split("-")[-1]))
+    write_run_config(out, {"model": model_name, "data": data, "qdylora": qcfg.to_dict(), "train": tcfg.to_dict()})
+    summary = train_model(peft_model, tokenizer, dataset, tcfg, out, str(ckpt) if ckpt else None)
+    summary.update(model=peft_model, tokenizer=tokenizer, qdylora_config=qcfg, finished=False)
     return summary
+
+
+def train(model: str | None = None, data: str | None = None, output_dir: str = "runs/qdylora",
+          qdylora_config: QDyLoRAConfig | None = None, train_config: TrainConfig | None = None,
+          resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Load (default: SmolLM2-135M) -> quantize -> attach adapters -> train; mirrors `qdylora train`.
+
+    With resume=True, configs left as None take the run's saved settings; configs given must agree with
+    them (a larger max_steps continues training).
+    """
+    given: dict[str, Any] = {k: v for k, v in (("model", model), ("data", data)) if v is not None}
+    for key, cfg in (("qdylora", qdylora_config), ("train", train_config)):
+        if cfg is not None:
+            cfg.validate()
+            given[key] = cfg.to_dict()
+    return run_training(output_dir, given, resume=resume, overwrite=overwrite)

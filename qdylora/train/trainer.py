@@ -19,15 +19,16 @@ from ..adapters.attach import dylora_layers, set_rank
 from ..adapters.config import QDyLoRAConfig
 from ..adapters.files import load_adapter_weights, read_adapter, save_adapter
 from ..adapters.rank_sampler import RankSampler
-from ..errors import TrainingError
+from ..atomic import WriteError, is_write_failure, usual_mode, write_error
+from ..errors import AdapterError, TrainingError
 from .callbacks import InterruptCallback, LogCallback, RankCallback
 from .config import TrainConfig
 from .optimizer import resolve_optim
-from .run_folder import ADAPTER_SUBDIR, LOG_NAME, tokens_at
+from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints, tokens_at
 
 
 class NonFiniteLoss(TrainingError):
-    pass
+    """The loss became nan or inf; the optimizer step was not taken."""
 
 
 class QDyLoRATrainer(Trainer):
@@ -40,8 +41,8 @@ class QDyLoRATrainer(Trainer):
         self.last_checkpoint: str | None = None
 
     def get_decay_parameter_names(self, model) -> set[str]:
-        # create_optimizer tests `name in` this for every parameter; as a list that is quadratic and
-        # took 7 s for frozen mode's one-parameter-per-component adapters (27k tensors on SmolLM2)
+        # create_optimizer tests `name in` this for every parameter: a set keeps that linear in the
+        # number of adapter tensors
         return set(super().get_decay_parameter_names(model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -74,21 +75,30 @@ class QDyLoRATrainer(Trainer):
         return self._staging or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        # Build the checkpoint in a hidden staging folder and rename it into place: a crash while
-        # saving leaves the previous checkpoints as they were and no half-written one.
-        root = self.args.output_dir
-        self._staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
+        # Build the checkpoint in a hidden staging folder and rename it into place: a crash or a full
+        # disk while saving leaves the previous checkpoints as they were and no half-written one.
+        root = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
         try:
+            self._staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
+            usual_mode(Path(self._staging), is_dir=True)
             super()._save_checkpoint(model, trial)
-            name = f"checkpoint-{self.state.global_step}"
-            dest = Path(root) / name
+            dest = root / name
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(Path(self._staging) / name, dest)
-            self.last_checkpoint = str(dest)
+        except BaseException as e:
+            if isinstance(e, AdapterError) or is_write_failure(e):
+                kept = self.last_checkpoint or "none (no checkpoint was written yet)"
+                why = e if isinstance(e, AdapterError) else write_error(root / name, e)
+                raise TrainingError(f"saving {name} failed: {why} Last good checkpoint: {kept}; "
+                                    "continue from it with --resume") from None
+            raise
         finally:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        self.last_checkpoint = str(dest)
+        rotate_checkpoints(root, self.args.save_total_limit, protect=dest)
 
 
 def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
@@ -101,7 +111,8 @@ def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
         max_grad_norm=cfg.max_grad_norm, optim=resolve_optim(cfg.optim), bf16=bf16,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        save_strategy="steps", save_steps=cfg.save_steps, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, label_names=["labels"],
         remove_unused_columns=False, logging_nan_inf_filter=False, use_cpu=not cuda,
         dataloader_num_workers=0,
@@ -127,32 +138,38 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback(Path(output_dir) / LOG_NAME, rank_cb, trainer))
     if resume_from:
-        trainer.last_checkpoint = resume_from
-        trainer.tokens_seen = tokens_at(Path(output_dir) / LOG_NAME, int(Path(resume_from).name.split("-")[-1]))
+        trainer.last_checkpoint = str(resume_from)
+        trainer.tokens_seen = tokens_at(output_dir, int(Path(resume_from).name.split("-")[-1]))
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if stop_cb.requested:
             raise KeyboardInterrupt
         stop_cb.requested = True
-        tqdm.write("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
+                   "(again to abort)")
 
-    old = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    handled = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, on_signal) for s in handled} if _main_thread() else {}
     t0 = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     summary = {"global_step": trainer.state.global_step, "interrupted": stop_cb.requested,
                "train_seconds": round(time.perf_counter() - t0, 2), "tokens_seen": trainer.tokens_seen,
                "last_checkpoint": trainer.last_checkpoint}
     if not stop_cb.requested:
-        if qcfg is not None:
-            set_rank(model, qcfg.r_max)
-            save_adapter(model, Path(output_dir) / ADAPTER_SUBDIR)
-        else:
-            model.save_pretrained(str(Path(output_dir) / ADAPTER_SUBDIR))
-        summary["adapter"] = str(Path(output_dir) / ADAPTER_SUBDIR)
+        adapter = Path(output_dir) / ADAPTER_SUBDIR
+        try:
+            if qcfg is not None:
+                set_rank(model, qcfg.r_max)
+                save_adapter(model, adapter, extra={"global_step": trainer.state.global_step})
+            else:
+                model.save_pretrained(str(adapter))
+        except (AdapterError, WriteError) as e:
+            raise TrainingError(f"{e} Last good checkpoint: {trainer.last_checkpoint}") from None
+        summary["adapter"] = str(adapter)
     return summary
 
 
