@@ -71,6 +71,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         if is_write_failure(e) and not isinstance(e, WriteError):
             raise write_error(dest, e) from None
         raise
+    for p in tmp.rglob("*"):  # some writers (safetensors) create private 0600 files
+        usual_mode(p, p.is_dir())
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
