@@ -21,6 +21,10 @@ from .errors import QDyLoRAError
 class WriteError(QDyLoRAError, OSError):
     """Writing failed (full disk, read-only folder, no permission); what existed before is kept."""
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -45,13 +49,19 @@ def is_write_failure(e: BaseException) -> bool:
                                             or "file write failed" in text)
 
 
+def failure_reason(e: BaseException) -> str:
+    """The short reason of a failed write, e.g. 'No space left on device'."""
+    text = str(e)
+    return (getattr(e, "reason", None) or getattr(e, "strerror", None) or ("No space left on device" if "os error 28" in text else None)
+            or ("a short write: is the disk full?" if "unexpected pos" in text else None)
+            or (text.splitlines()[0] if text else type(e).__name__))
+
+
 def write_error(dest: Path, e: BaseException) -> WriteError:
     """A one-line WriteError for a failed write of `dest`."""
-    text = str(e)
-    why = (getattr(e, "strerror", None) or ("No space left on device" if "os error 28" in text else None)
-           or ("a short write: is the disk full?" if "unexpected pos" in text else text.splitlines()[0] if text else type(e).__name__))
+    why = failure_reason(e)
     return WriteError(f"could not write {dest} ({why}); nothing there was replaced. Free space or choose a "
-                      "writable folder, then run the command again")
+                      "writable folder, then run the command again", why)
 
 
 @contextlib.contextmanager

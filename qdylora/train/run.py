@@ -9,6 +9,8 @@ change what is trained (checkpointing, logging).
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,8 +64,6 @@ def _resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any]:
 
 def _finished_step(out: Path) -> int | None:
     """The step at which the finished adapter was written, or None when there is none."""
-    import json
-
     from ..adapters.files import CONFIG_NAME
 
     try:
@@ -78,6 +78,7 @@ def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], P
         raise TrainingError(f"--resume: {out} holds no checkpoint-N folder to resume from (no training run there); "
                             "run without --resume to start one")
     settings = _resume_settings(out, given)
+    remove_stale(out)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         logged = read_log(out)
@@ -92,11 +93,25 @@ def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], P
         return settings, None, (f"{out} is already finished: trained to step {done} of --max-steps {max_steps}, "
                                 f"adapter in {out / ADAPTER_SUBDIR}. Pass a larger --max-steps to train on.")
     if step >= max_steps:
+        if step == max_steps:  # killed between the last checkpoint and the final adapter
+            finish_from_checkpoint(out, ckpt, step)
+            return settings, None, f"{out}: finished from {ckpt.name}; adapter in {out / ADAPTER_SUBDIR}"
         raise TrainingError(f"--max-steps {max_steps} is not beyond this run's last checkpoint (step {step}); "
                             "pass a larger --max-steps to continue")
     if max_steps != was:
         print(f"continuing {out} from step {step} to --max-steps {max_steps} (was {was})", file=sys.stderr)
     return settings, ckpt, None
+
+
+def finish_from_checkpoint(out: Path, ckpt: Path, step: int) -> None:
+    """Write the final adapter/ from a checkpoint's adapter (training had reached max_steps)."""
+    from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME
+    from ..atomic import atomic_dir
+
+    meta = json.loads((ckpt / ADAPTER_SUBDIR / CONFIG_NAME).read_text())
+    with atomic_dir(out / ADAPTER_SUBDIR) as tmp:
+        shutil.copyfile(ckpt / ADAPTER_SUBDIR / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps({**meta, "global_step": step}, indent=2) + "\n")
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:

@@ -19,7 +19,7 @@ from ..adapters.attach import dylora_layers, set_rank
 from ..adapters.config import QDyLoRAConfig
 from ..adapters.files import load_adapter_weights, read_adapter, save_adapter
 from ..adapters.rank_sampler import RankSampler
-from ..atomic import WriteError, is_write_failure, usual_mode, write_error
+from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
 from ..errors import AdapterError, TrainingError
 from .callbacks import InterruptCallback, LogCallback, RankCallback
 from .config import TrainConfig
@@ -90,9 +90,9 @@ class QDyLoRATrainer(Trainer):
         except BaseException as e:
             if isinstance(e, AdapterError) or is_write_failure(e):
                 kept = self.last_checkpoint or "none (no checkpoint was written yet)"
-                why = e if isinstance(e, AdapterError) else write_error(root / name, e)
-                raise TrainingError(f"saving {name} failed: {why} Last good checkpoint: {kept}; "
-                                    "continue from it with --resume") from None
+                why = str(e) if isinstance(e, AdapterError) else failure_reason(e)
+                raise TrainingError(f"saving {name} failed ({why}); last good checkpoint: {kept}. Fix that "
+                                    "(free space, a writable folder), then continue with --resume") from None
             raise
         finally:
             shutil.rmtree(self._staging, ignore_errors=True)
@@ -168,7 +168,8 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
             else:
                 model.save_pretrained(str(adapter))
         except (AdapterError, WriteError) as e:
-            raise TrainingError(f"{e} Last good checkpoint: {trainer.last_checkpoint}") from None
+            raise TrainingError(f"{e} (last good checkpoint: {trainer.last_checkpoint}; --resume writes the adapter "
+                                "from it)") from None
         summary["adapter"] = str(adapter)
     return summary
 
