@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qdylora` command; errors print one clear line, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # a usage error (code 2) is returned like every other error; --help exits
+            if e.code in (0, None):
+                raise
+            return int(e.code)
         from ..errors import QDyLoRAError
 
         try:

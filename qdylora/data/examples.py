@@ -39,11 +39,30 @@ def format_example(record: dict, tokenizer) -> tuple[str, str]:
     return prompt, msgs[-1]["content"] + eos
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text by default (e.g. Llama's BOS); [] for most chat tokenizers."""
+    cached = getattr(tokenizer, "_qdylora_leading_ids", None)
+    if cached is None:
+        with_special = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        cached = with_special[:len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+        try:
+            tokenizer._qdylora_leading_ids = cached
+        except AttributeError:
+            pass
+    return list(cached)
+
+
 def tokenize_example(prompt: str, response: str, tokenizer, max_seq_len: int) -> dict[str, list[int]] | None:
-    """input_ids / labels (prompt tokens masked to -100), cut to max_seq_len; None if no response token fits."""
+    """input_ids / labels (prompt tokens masked to -100), cut to max_seq_len; None if no response token fits.
+
+    The tokenizer's default leading ids (BOS) start every example, as they start MMLU prompts and
+    generation, unless the prompt text (a chat template) already begins with them.
+    """
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    if not p_ids and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        p_ids = [tokenizer.bos_token_id]
+    lead = leading_special_ids(tokenizer)
+    if lead and p_ids[:len(lead)] != lead:
+        p_ids = lead + p_ids
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     ids = (p_ids + r_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_seq_len]
@@ -56,13 +75,18 @@ def build_dataset(records: list[dict], tokenizer, max_seq_len: int):
     """A datasets.Dataset of tokenized examples; raises DataError when nothing is left to train on."""
     from datasets import Dataset
 
-    rows, skipped = [], 0
+    rows, skipped, empty = [], 0, 0
     for rec in records:
-        ex = tokenize_example(*format_example(rec, tokenizer), tokenizer, max_seq_len)
+        prompt, response = format_example(rec, tokenizer)
+        empty += response == (tokenizer.eos_token or "")
+        ex = tokenize_example(prompt, response, tokenizer, max_seq_len)
         if ex is None:
             skipped += 1
         else:
             rows.append(ex)
+    if empty == len(records):
+        raise DataError(f"every example's output is empty ({empty} records): there is nothing to learn but the "
+                        "end-of-sequence token; check the data's output / assistant field")
     if not rows:
         raise DataError(f"no example has a response token within max_seq_len={max_seq_len} "
                         f"({skipped} skipped); raise --max-seq-len or shorten the prompts")

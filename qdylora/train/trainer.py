@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -70,6 +71,15 @@ class QDyLoRATrainer(Trainer):
             load_adapter_weights(self.model, tensors)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainingError(f"{checkpoint}: optimizer.pt / scheduler.pt cannot be loaded ({first[:200]}); they "
+                                "load with weights_only, so only plain tensors are read. The checkpoint is damaged or "
+                                "not qdylora's: delete it to resume from an earlier one") from None
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
