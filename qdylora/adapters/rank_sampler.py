@@ -1,4 +1,13 @@
-"""Seeded rank sampling: the rank of optimizer step t is a pure function of (seed, t)."""
+"""Seeded rank draws: every rank is a pure function of (seed, step, micro-step, row or module).
+
+So a resumed run, gradient accumulation and several processes (one seed, different data shards:
+rows are numbered globally) all draw the same ranks as one uninterrupted run.
+
+- `rank_per='step'`: one rank per optimizer step for every module and row.
+- `rank_per='example'`: one rank per sequence of every micro-batch, the same in every module.
+- `rank_per='module'`: one rank per adapted module per optimizer step (the same for every row).
+- `rank_per='example+module'`: one rank per (sequence, module).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ from .config import QDyLoRAConfig
 
 
 class RankSampler:
-    """Draws one rank per optimizer step; stateless, so a resumed run draws the same ranks."""
+    """Draws ranks from the config's distribution; stateless, so any draw can be asked for again."""
 
     def __init__(self, config: QDyLoRAConfig) -> None:
         self.config = config
@@ -24,11 +33,25 @@ class RankSampler:
             self.ranks = sorted({int(r) for r in c.rank_list or []})
             self.weights = [1.0] * len(self.ranks)
 
+    def _draw(self, key: str) -> int:
+        # str seeds are hashed with sha512: stable across processes and Python versions
+        return random.Random(f"{self.config.seed}:{key}").choices(self.ranks, weights=self.weights, k=1)[0]
+
     def sample(self, step: int) -> int:
-        """Rank for optimizer step `step` (0-based)."""
+        """Rank of optimizer step `step` (0-based) for rank_per='step'."""
         rng = random.Random(self.config.seed * 1_000_003 + step)
         return rng.choices(self.ranks, weights=self.weights, k=1)[0]
 
+    def rows(self, step: int, micro: int, n: int, first_row: int = 0, module: int | None = None) -> list[int]:
+        """Ranks of rows first_row .. first_row+n-1 of micro-step `micro` of step `step` (per module if given)."""
+        tag = "" if module is None else f":m{module}"
+        return [self._draw(f"{step}:{micro}:{first_row + i}{tag}") for i in range(n)]
+
+    def module(self, step: int, module: int) -> int:
+        """Rank of adapted module number `module` in step `step` for rank_per='module'."""
+        return self._draw(f"{step}:module:{module}")
+
     def probabilities(self) -> dict[int, float]:
+        """P(rank) of one draw."""
         total = sum(self.weights)
         return {r: w / total for r, w in zip(self.ranks, self.weights)}
