@@ -343,8 +343,31 @@ def test_frozen_step_below_r_max_holds_less_gradient():
     # tiny-falcon per layer: query_key_value 256 -> 384, dense 256 -> 256, h_to_4h 256 -> 1024, 4h_to_h 1024 -> 256
     shapes = [(384, 256), (256, 256), (1024, 256), (256, 1024)]  # (out, in)
     assert measured["adapter_grads"] == 2 * 4 * sum(8 * i + o for o, i in shapes)
+    from qdylora.memory.adapter_bytes import adapter_bytes
+
+    derived = sum(adapter_bytes(i, o, 64, "frozen", "paged_adamw_32bit", "cpu", 4, "reference", rank=8).grads
+                  for o, i in shapes)
+    assert 2 * derived == measured["adapter_grads"]
     assert plan.item("adapter_grads").bytes == 2 * 4 * sum(64 * i + o for o, i in shapes)
     assert measured["peak"] < plan.peak_allocated
+
+
+@pytest.mark.parametrize("update", ["nested", "frozen"])
+def test_layer_stores_the_shapes_the_planner_sizes(update):
+    from qdylora.adapters import QDyLoRAConfig, attach_adapters, dylora_layers
+    from qdylora.adapters.storage import adapter_tensor_shapes
+    from qdylora.load.sharded import quantize_random_init
+    from qdylora.memory.architecture import config_from_dict, load_config_dict
+
+    model = attach_adapters(quantize_random_init(config_from_dict(*load_config_dict("tiny-falcon")), "cpu"),
+                            QDyLoRAConfig(r_max=8, update=update))
+    for layer in dylora_layers(model):
+        i, o = layer.in_features, layer.out_features
+        # nested: peft's two matrices; frozen: one parameter per component (row of A, column of B)
+        expect = {"A": [(8, i)], "B": [(o, 8)]} if update == "nested" else {"A": [(i,)] * 8, "B": [(o,)] * 8}
+        got = {"A": [tuple(p.shape) for p in layer.lora_dyA["default"]],
+               "B": [tuple(p.shape) for p in layer.lora_dyB["default"]]}
+        assert got == expect == adapter_tensor_shapes(i, o, 8, update)
 
 
 def test_planner_follows_the_storage(monkeypatch):

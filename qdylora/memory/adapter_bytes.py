@@ -63,7 +63,7 @@ def grad_components(rank: int, r_max: int, update: str) -> frozenset[int]:
     return frozenset(torch.nonzero(grad[0]).flatten().tolist())
 
 
-def optimizer_state_bytes(numel: int, optim: str, device: str) -> tuple[int, int, bool]:
+def tensor_state_bytes(numel: int, optim: str, device: str) -> tuple[int, int, bool]:
     """(state bytes, bytes of it that are paged, kept in 32 bit by an 8-bit optimizer) for one tensor."""
     eight_bit = optim.endswith("8bit")
     if eight_bit and numel >= BNB_MIN_8BIT_SIZE:
@@ -111,7 +111,7 @@ def adapter_bytes(in_features: int, out_features: int, r_max: int, update: str, 
         total += _side(shapes[side], side, r_max, rank, comps, compute_bytes, kernel)
         for s in shapes[side]:
             n = math.prod(s)
-            state, paged, fp32_kept = optimizer_state_bytes(n, optim, device)
+            state, paged, fp32_kept = tensor_state_bytes(n, optim, device)
             total += AdapterBytes(tensors=1, params=n, state=state, paged=paged, paged_tensors=int(paged > 0),
                                   fp32_state_tensors=int(fp32_kept))
     return total

@@ -56,6 +56,33 @@ def _adapters(linears, r_max: int, update: str, optim: str, device: str, c: int,
     return total
 
 
+def _optimizer_items(ab: AdapterBytes, optim: str, device: str) -> list[MemoryItem]:
+    """The optimizer state in the allocator and the part bitsandbytes pages (items without bytes left out)."""
+    opt_detail = {"adamw_torch": "torch AdamW, 8 B/param", "paged_adamw_32bit": "bnb paged AdamW 32-bit, 8 B/param",
+                  "paged_adamw_8bit": "bnb paged AdamW 8-bit, 2 B/param + absmax",
+                  "adamw_8bit": "bnb AdamW 8-bit, 2 B/param + absmax"}[optim]
+    opt_detail += f"; state of all {ab.tensors} adapter tensors (each gets a gradient at some rank)"
+    if ab.fp32_state_tensors:
+        opt_detail += f"; {ab.fp32_state_tensors} of them below {BNB_MIN_8BIT_SIZE} values keep 32-bit state"
+    if optim.startswith("paged_"):
+        if device != "cuda":
+            opt_detail += "; nothing paged: bitsandbytes pages only on CUDA"
+        elif ab.paged:
+            opt_detail += (f"; {ab.paged_tensors} tensors of >= 1e5 values paged ({format_bytes(ab.paged)}, may "
+                           "move to CPU RAM when the GPU is full)")
+        else:
+            opt_detail += "; nothing paged: bnb pages only tensors of >= 1e5 values and every adapter tensor is smaller"
+    eight_bit_tensors = ab.tensors - ab.fp32_state_tensors if optim.endswith("8bit") else 0
+    unpaged = ab.state - ab.paged + (BNB_8BIT_QMAPS_BYTES if eight_bit_tensors else 0)
+    items = [MemoryItem("optimizer_state", unpaged, opt_detail)] if unpaged else []
+    if ab.paged:
+        items.append(MemoryItem("optimizer_state_paged", ab.paged,
+                                f"{optim} state of the {ab.paged_tensors} adapter tensors of >= 1e5 values: unified "
+                                "memory, counted on the card while resident, evicted to CPU RAM under pressure; not "
+                                "in torch.cuda.max_memory_allocated", "paged"))
+    return items
+
+
 def _activation_terms(a: ArchSpec, batch: int, seq: int, r: int, c: int, update: str,
                       kernel: str, autocast: bool, factor_copies: int) -> dict[str, int]:
     """Bytes autograd saves for backward, per part; see the module docstring."""
@@ -129,28 +156,9 @@ def _compute(a: ArchSpec, r_max: int, seq_len: int, batch_size: int, optim: str,
                             f"params in {ab.tensors} tensors ({update} storage)"))
     items.append(MemoryItem("adapter_grads", ab.grads,
                             f"fp32 at rank r_max, the step with the most gradient ({update} update)"))
-    opt_detail = {"adamw_torch": "torch AdamW, 8 B/param", "paged_adamw_32bit": "bnb paged AdamW 32-bit, 8 B/param",
-                  "paged_adamw_8bit": "bnb paged AdamW 8-bit, 2 B/param + absmax",
-                  "adamw_8bit": "bnb AdamW 8-bit, 2 B/param + absmax"}[optim]
-    opt_detail += f"; state of all {ab.tensors} adapter tensors (each gets a gradient at some rank)"
-    if ab.fp32_state_tensors:
-        opt_detail += f"; {ab.fp32_state_tensors} of them below {BNB_MIN_8BIT_SIZE} values keep 32-bit state"
-    if optim.startswith("paged_"):
-        if device != "cuda":
-            opt_detail += "; nothing paged: bitsandbytes pages only on CUDA"
-        elif ab.paged:
-            opt_detail += (f"; {ab.paged_tensors} tensors of >= 1e5 values paged ({format_bytes(ab.paged)}, may "
-                           "move to CPU RAM when the GPU is full)")
-        else:
-            opt_detail += "; nothing paged: bnb pages only tensors of >= 1e5 values and every adapter tensor is smaller"
-    eight_bit_tensors = ab.tensors - ab.fp32_state_tensors if optim.endswith("8bit") else 0
-    unpaged = ab.state - ab.paged + (BNB_8BIT_QMAPS_BYTES if eight_bit_tensors else 0)
-    if unpaged:
-        items.append(MemoryItem("optimizer_state", unpaged, opt_detail))
-    if ab.paged:
-        items.append(MemoryItem("optimizer_state_paged", ab.paged,
-                                "unified memory: counted on the card while resident, evicted to CPU RAM under "
-                                "pressure; not in torch.cuda.max_memory_allocated", "paged"))
+    opt_items = _optimizer_items(ab, optim, device)
+    items += opt_items
+    unpaged = sum(it.bytes for it in opt_items if it.where == "gpu")
 
     layer0 = _adapters([l for l in a.layer_linears(0) if l.target], r_max, update, optim, device, c, kernel)
     act = _activation_terms(a, batch_size, seq_len, r_max, c, update, kernel, autocast, layer0.saved_copies)

@@ -56,6 +56,23 @@ def _optimizer(optim: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     return classes[optim](params, lr=1e-4, weight_decay=0.0)
 
 
+def prefill_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter its state, as after a run in which every rank was drawn: one step on zero gradients.
+
+    The optimizer allocates the state its real step allocates; with weight decay 0 the values do not move.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (paged buffers included; shared maps once)."""
+    return storage_bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
 def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str = "fp32", seq_len: int = 128,
                           layers: int | None = None, update: str = "nested", optim: str = "paged_adamw_32bit",
                           rank: int = R_MAX) -> tuple[MemoryPlan, dict[str, int]]:
@@ -86,12 +103,8 @@ def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str 
     measured = {"nf4_weights": quantized_bytes(model), "unquantized_params": storage_bytes(frozen),
                 "adapters": storage_bytes(params)}
     opt = _optimizer(optim, params)
-    for p in params:  # the steady state: every tensor has been stepped once
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    measured["optimizer_state"] = storage_bytes(t for st in opt.state.values() for t in st.values()
-                                                if torch.is_tensor(t))
+    prefill_optimizer_state(opt)
+    measured["optimizer_state"] = optimizer_state_bytes(opt)
     set_rank(model, rank)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with TensorMemoryTracker() as tr:
