@@ -36,7 +36,7 @@ from ..errors import PlannerError
 from ..train.config import OPTIMIZERS as TRAIN_OPTIMIZERS
 from .adapter_bytes import AdapterBytes, adapter_bytes
 from .advice import advice, largest
-from .architecture import ArchSpec, load_arch
+from .architecture import ArchSpec, LinearSpec, load_arch
 from .plan import MemoryItem, MemoryPlan
 from .units import (ALLOCATOR_SLACK, BNB_8BIT_QMAPS_BYTES, BNB_MIN_8BIT_SIZE, CUDA_CONTEXT_BYTES, NF4_TABLE_BYTES,
                     dtype_bytes, format_bytes, nf4_bytes, parse_memory_size)
@@ -48,7 +48,7 @@ OPTIMIZER_ALIASES = {"adamw": "adamw_torch"}
 MAX_R = 8192
 
 
-def _adapters(linears, r_max: int, update: str, optim: str, device: str, c: int, kernel: str) -> AdapterBytes:
+def _adapters(linears: list[LinearSpec], r_max: int, update: str, optim: str, device: str, c: int, kernel: str) -> AdapterBytes:
     """The adapters' bytes summed over `linears` (one computation per distinct shape)."""
     total = AdapterBytes()
     for (i, o), n in Counter((l.in_features, l.out_features) for l in linears).items():
@@ -93,7 +93,7 @@ def _activation_terms(a: ArchSpec, batch: int, seq: int, r: int, c: int, update:
     masks = 0 if kernel == "triton" else (2 if update == "frozen" else 1)
     # per target linear: the low-rank activations h=[T, r] in c, the fp32 rank masks (reference op),
     # the int64 per-row ranks (Triton op); plus the layer's A/B copies (stack or cast, see adapter_bytes)
-    lora = sum(T * r * c + T * r * 4 * masks for l in tgt) + factor_copies
+    lora = len(tgt) * (T * r * c + T * r * 4 * masks) + factor_copies
     if kernel == "triton":
         lora += len(tgt) * T * 8
     # inputs of non-target 4-bit linears are saved by bitsandbytes' matmul only if they differ from
@@ -236,8 +236,11 @@ def plan_memory(
     layers: int | None = None,
 ) -> MemoryPlan:
     """Itemised GPU memory of a QDyLoRA training step; `gpu_memory` (e.g. '32GiB') adds a verdict."""
-    for name, v in (("r_max", r_max), ("seq_len", seq_len), ("batch_size", batch_size), ("layers", layers)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+    sizes = {"r_max": r_max, "seq_len": seq_len, "batch_size": batch_size}
+    if layers is not None:
+        sizes["layers"] = layers
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise PlannerError(f"{name}={v!r} must be a positive integer")
     if r_max > MAX_R:
         raise PlannerError(f"r_max={r_max} is above the largest rank the planner sizes ({MAX_R}); plan a smaller r_max")
