@@ -98,9 +98,10 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{update} update")
         ax.set_ylim(0.8, 1.2)
     axes[0].set_ylabel("planned / measured")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
     fig.suptitle("Memory planner vs a measured CPU training step (green: the tests' 15% band)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 
