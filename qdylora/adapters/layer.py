@@ -18,6 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import QDyLoRAConfig
+from .storage import split_factors
 from ..load.quantize import packed_nf4
 from ..ops import qdylora_linear
 
@@ -50,12 +51,9 @@ class DyLoRALinear(nn.Module, LoraLayer):
         A = torch.empty(qcfg.r_max, self.in_features, device=device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's default LoRA init for A
         B = torch.zeros(self.out_features, qcfg.r_max, device=device)
-        if qcfg.update == "frozen":
-            self.lora_dyA[adapter_name] = nn.ParameterList([nn.Parameter(row.clone()) for row in A])
-            self.lora_dyB[adapter_name] = nn.ParameterList([nn.Parameter(col.clone()) for col in B.t()])
-        else:
-            self.lora_dyA[adapter_name] = nn.ParameterList([nn.Parameter(A)])
-            self.lora_dyB[adapter_name] = nn.ParameterList([nn.Parameter(B)])
+        a_parts, b_parts = split_factors(A, B, qcfg.update)  # the storage of this update mode
+        self.lora_dyA[adapter_name] = nn.ParameterList([nn.Parameter(t) for t in a_parts])
+        self.lora_dyB[adapter_name] = nn.ParameterList([nn.Parameter(t) for t in b_parts])
         self.r[adapter_name] = qcfg.r_max
         self.lora_alpha[adapter_name] = qcfg.alpha
         self.scaling[adapter_name] = qcfg.alpha / qcfg.r_max

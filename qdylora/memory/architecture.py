@@ -63,6 +63,11 @@ _REQUIRED = {
 }
 
 
+# sizes a supported config may give (Llama-like and Falcon names); each must be a positive integer
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+          "num_key_value_heads", "num_kv_heads", "vocab_size", "head_dim", "ffn_hidden_size")
+
+
 def config_from_dict(d: dict, source: str = "config"):
     """A transformers config for a supported decoder architecture; clear errors for anything else."""
     from transformers import AutoConfig
@@ -85,12 +90,34 @@ def config_from_dict(d: dict, source: str = "config"):
     if missing:
         raise PlannerError(f"{source} ({model_type}) lacks {', '.join(missing)}; add them to the config "
                            "(copy the model's config.json from its hub page)")
+    _check_sizes(d, source)
     for k in ("torch_dtype", "dtype", "transformers_version", "architectures", "_name_or_path"):
         d.pop(k, None)
     try:
         return AutoConfig.for_model(model_type, **d)
     except Exception as e:
-        raise PlannerError(f"{source}: transformers rejects this {model_type} config: {e}") from e
+        raise PlannerError(f"{source}: transformers rejects this {model_type} config: {_one_line(e)}") from e
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_sizes(d: dict, source: str) -> None:
+    """Every size the config gives is a positive integer, and the heads divide as attention needs."""
+    for k in _SIZES:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise PlannerError(f"{source}: {k}={v!r} must be a positive integer; fix it in the config")
+    hidden = d["hidden_size"]
+    heads = d.get("num_attention_heads") or d.get("n_head")
+    kv = d.get("num_key_value_heads") or d.get("num_kv_heads")
+    if heads and kv and heads % kv:
+        raise PlannerError(f"{source}: {heads} attention heads cannot share {kv} key/value heads evenly; "
+                           "num_attention_heads must be a multiple of the key/value heads")
+    if heads and not d.get("head_dim") and hidden % heads:
+        raise PlannerError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; "
+                           "fix one of them (or give head_dim)")
 
 
 @dataclass
@@ -144,8 +171,12 @@ def arch_from_config(cfg, name: str = "model", target_modules: list[str] | None 
     """Build the model on the meta device and read every shape the planner needs."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # sizes transformers accepts in the config but cannot build a model from
+        raise PlannerError(f"{name}: transformers cannot build a {cfg.model_type} model from this config "
+                           f"({type(e).__name__}: {_one_line(e)}); check its sizes") from e
     wanted = list(target_modules) if target_modules else list(DEFAULT_TARGET_MODULES)
     linears, quant_params = [], set()
     for mod_name in quantizable_linear_names(model):
@@ -198,6 +229,6 @@ def load_arch(model: str | Path, target_modules: list[str] | None = None, layers
     """ArchSpec for a shipped name, a local config.json / folder, or a hub id; `layers` overrides the depth."""
     d, source = load_config_dict(model)
     if layers is not None:
-        d = dict(d, num_hidden_layers=int(layers))
+        d = dict(d, num_hidden_layers=layers)
     cfg = config_from_dict(d, source)
     return arch_from_config(cfg, name=str(model), target_modules=target_modules)

@@ -7,11 +7,12 @@ knows every linear's shape (``architecture``). Each item below is computed from 
   (blocksize 64) + 4/(64*256) B/param fp32 nested absmax (blocksize 256), plus per linear the
   NF4 code (16 fp32), the nested code (256 fp32) and the absmax offset (1 fp32).
 - ``unquantized_params``: embeddings, norms, the LM head (once when tied), in the model dtype.
-- ``adapters``: r_max*(in+out) fp32 per target linear.
-- ``adapter_grads``: fp32 gradients at the largest rank (the worst step of a rank sweep).
-- ``optimizer_state``: AdamW 32-bit 8 B/param; bnb 8-bit 2 B/param + an fp32 absmax per 256
-  values per state (tensors below 4096 values stay 32-bit). bitsandbytes *pages* (unified memory
-  that the driver may evict to CPU RAM when the GPU is full) only tensors of at least 1e5 values.
+- ``adapters``, ``adapter_grads``, ``optimizer_state``: from the parameter tensors the layer
+  creates in the update mode (``qdylora.adapters.storage``) and the update rule, see
+  ``adapter_bytes``: r_max*(in+out) fp32 per target linear; the gradients of the step at rank
+  r_max (the one with the most gradient and activations); AdamW's state per tensor, 32- or 8-bit
+  by bitsandbytes' size threshold, *paged* (unified memory that the driver may evict to CPU RAM
+  when the GPU is full) when the tensor has at least 1e5 values and the device is CUDA.
 - ``activations``: what autograd keeps for backward; with gradient checkpointing one hidden
   state per layer boundary plus one layer's full set while it is recomputed in backward.
 - ``logits_loss``: logits in the model dtype, their fp32 copy / log-softmax / gradients
@@ -28,39 +29,62 @@ tensor-level tracker (:class:`TensorMemoryTracker`) on CPU for Llama and Falcon 
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from pathlib import Path
 
 from ..errors import PlannerError
+from ..train.config import OPTIMIZERS as TRAIN_OPTIMIZERS
+from .adapter_bytes import AdapterBytes, adapter_bytes
 from .advice import advice, largest
-from .architecture import ArchSpec, load_arch
+from .architecture import ArchSpec, LinearSpec, load_arch
 from .plan import MemoryItem, MemoryPlan
-from .units import (ALLOCATOR_SLACK, BNB_8BIT_BLOCKSIZE, BNB_MIN_8BIT_SIZE, BNB_PAGED_MIN_NUMEL, CUDA_CONTEXT_BYTES,
-                    NF4_TABLE_BYTES, dtype_bytes, format_bytes, nf4_bytes, parse_memory_size)
+from .units import (ALLOCATOR_SLACK, BNB_8BIT_QMAPS_BYTES, BNB_MIN_8BIT_SIZE, CUDA_CONTEXT_BYTES, NF4_TABLE_BYTES,
+                    dtype_bytes, format_bytes, nf4_bytes, parse_memory_size)
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+# training's optimizer names but 'auto', which means what the training machine finds, not a planned device
+OPTIMIZERS = tuple(o for o in TRAIN_OPTIMIZERS if o != "auto")
 OPTIMIZER_ALIASES = {"adamw": "adamw_torch"}
+# frozen mode stores one tensor per component: the planner's work grows with r_max
+MAX_R = 8192
 
 
-def _optimizer_bytes(numels: list[int], optim: str) -> tuple[int, int]:
-    """(total state bytes, bytes of it that bitsandbytes pages) for AdamW over parameters of these sizes."""
-    total = paged = 0
-    paged_optim = optim.startswith("paged_")
-    eight_bit = optim.endswith("8bit")
-    for n in numels:
-        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
-            state = 2 * n  # two uint8 states
-            extra = 2 * 4 * math.ceil(n / BNB_8BIT_BLOCKSIZE)  # their fp32 absmax, never paged
+def _adapters(linears: list[LinearSpec], r_max: int, update: str, optim: str, device: str, c: int, kernel: str) -> AdapterBytes:
+    """The adapters' bytes summed over `linears` (one computation per distinct shape)."""
+    total = AdapterBytes()
+    for (i, o), n in Counter((l.in_features, l.out_features) for l in linears).items():
+        total += adapter_bytes(i, o, r_max, update, optim, device, c, kernel) * n
+    return total
+
+
+def _optimizer_items(ab: AdapterBytes, optim: str, device: str) -> list[MemoryItem]:
+    """The optimizer state in the allocator and the part bitsandbytes pages (items without bytes left out)."""
+    opt_detail = {"adamw_torch": "torch AdamW, 8 B/param", "paged_adamw_32bit": "bnb paged AdamW 32-bit, 8 B/param",
+                  "paged_adamw_8bit": "bnb paged AdamW 8-bit, 2 B/param + absmax",
+                  "adamw_8bit": "bnb AdamW 8-bit, 2 B/param + absmax"}[optim]
+    opt_detail += f"; state of all {ab.tensors} adapter tensors (each gets a gradient at some rank)"
+    if ab.fp32_state_tensors:
+        opt_detail += f"; {ab.fp32_state_tensors} of them below {BNB_MIN_8BIT_SIZE} values keep 32-bit state"
+    if optim.startswith("paged_"):
+        if device != "cuda":
+            opt_detail += "; nothing paged: bitsandbytes pages only on CUDA"
+        elif ab.paged:
+            opt_detail += (f"; {ab.paged_tensors} tensors of >= 1e5 values paged ({format_bytes(ab.paged)}, may "
+                           "move to CPU RAM when the GPU is full)")
         else:
-            state, extra = 8 * n, 0
-        total += state + extra
-        if paged_optim and n >= BNB_PAGED_MIN_NUMEL:
-            paged += state
-    return total, paged
+            opt_detail += "; nothing paged: bnb pages only tensors of >= 1e5 values and every adapter tensor is smaller"
+    eight_bit_tensors = ab.tensors - ab.fp32_state_tensors if optim.endswith("8bit") else 0
+    unpaged = ab.state - ab.paged + (BNB_8BIT_QMAPS_BYTES if eight_bit_tensors else 0)
+    items = [MemoryItem("optimizer_state", unpaged, opt_detail)] if unpaged else []
+    if ab.paged:
+        items.append(MemoryItem("optimizer_state_paged", ab.paged,
+                                f"{optim} state of the {ab.paged_tensors} adapter tensors of >= 1e5 values: unified "
+                                "memory, counted on the card while resident, evicted to CPU RAM under pressure; not "
+                                "in torch.cuda.max_memory_allocated", "paged"))
+    return items
 
 
 def _activation_terms(a: ArchSpec, batch: int, seq: int, r: int, c: int, update: str,
-                      kernel: str, autocast: bool) -> dict[str, int]:
+                      kernel: str, autocast: bool, factor_copies: int) -> dict[str, int]:
     """Bytes autograd saves for backward, per part; see the module docstring."""
     T, h, f = batch * seq, a.hidden, a.ffn
     heads_tokens = T * a.n_heads
@@ -68,8 +92,8 @@ def _activation_terms(a: ArchSpec, batch: int, seq: int, r: int, c: int, update:
     tgt = [l for l in layer_lin if l.target]
     masks = 0 if kernel == "triton" else (2 if update == "frozen" else 1)
     # per target linear: the low-rank activations h=[T, r] in c, the fp32 rank masks (reference op),
-    # the int64 per-row ranks (Triton op), and A/B cast to the compute dtype (a copy, even in fp32: stacked)
-    lora = sum(T * r * c + T * r * 4 * masks + r * (l.in_features + l.out_features) * c for l in tgt)
+    # the int64 per-row ranks (Triton op); plus the layer's A/B copies (stack or cast, see adapter_bytes)
+    lora = len(tgt) * (T * r * c + T * r * 4 * masks) + factor_copies
     if kernel == "triton":
         lora += len(tgt) * T * 8
     # inputs of non-target 4-bit linears are saved by bitsandbytes' matmul only if they differ from
@@ -126,35 +150,18 @@ def _compute(a: ArchSpec, r_max: int, seq_len: int, batch_size: int, optim: str,
                             f"{a.unquantized_numel / 1e6:.1f}M params (embeddings, norms, "
                             f"{'tied ' if a.tied else ''}head) x {c} B"))
     tg = a.targets
-    ad_numel = r_max * sum(l.in_features + l.out_features for l in tg)
-    items.append(MemoryItem("adapters", ad_numel * 4,
-                            f"{len(tg)} target linears x r_max={r_max} x (in+out) fp32 = {ad_numel / 1e6:.1f}M params"))
-    # at rank r_max every component's gradient exists; in 'frozen' mode the A side is still one
-    # [r, in] tensor (the rows' grads are views of it), B keeps one [out] column
-    grad_numel = ad_numel if update == "nested" else r_max * sum(l.in_features for l in tg) + sum(
-        l.out_features for l in tg)
-    items.append(MemoryItem("adapter_grads", grad_numel * 4,
-                            f"fp32 at rank r_max ({update} update)"))
-    # one parameter per rank component: rows of A ([in]) and columns of B ([out])
-    numels = [n for l in tg for n in [l.in_features] * r_max + [l.out_features] * r_max]
-    opt_total, opt_paged = _optimizer_bytes(numels, optim)
-    opt_detail = {"adamw_torch": "torch AdamW, 8 B/param", "paged_adamw_32bit": "bnb paged AdamW 32-bit, 8 B/param",
-                  "paged_adamw_8bit": "bnb paged AdamW 8-bit, 2 B/param + absmax",
-                  "adamw_8bit": "bnb AdamW 8-bit, 2 B/param + absmax"}[optim]
-    if optim.startswith("paged_"):
-        if opt_paged == 0:
-            opt_detail += ("; nothing paged: bnb pages only tensors of >= 1e5 values and each adapter "
-                           "component is one row/column (in or out values)")
-        else:
-            opt_detail += f"; {format_bytes(opt_paged)} paged (may move to CPU RAM when the GPU is full)"
-    if opt_total - opt_paged:
-        items.append(MemoryItem("optimizer_state", opt_total - opt_paged, opt_detail))
-    if opt_paged:
-        items.append(MemoryItem("optimizer_state_paged", opt_paged,
-                                "unified memory: counted on the card while resident, evicted to CPU RAM under "
-                                "pressure; not in torch.cuda.max_memory_allocated", "paged"))
+    ab = _adapters(tg, r_max, update, optim, device, c, kernel)
+    items.append(MemoryItem("adapters", ab.params * 4,
+                            f"{len(tg)} target linears x r_max={r_max} x (in+out) fp32 = {ab.params / 1e6:.1f}M "
+                            f"params in {ab.tensors} tensors ({update} storage)"))
+    items.append(MemoryItem("adapter_grads", ab.grads,
+                            f"fp32 at rank r_max, the step with the most gradient ({update} update)"))
+    opt_items = _optimizer_items(ab, optim, device)
+    items += opt_items
+    unpaged = sum(it.bytes for it in opt_items if it.where == "gpu")
 
-    act = _activation_terms(a, batch_size, seq_len, r_max, c, update, kernel, autocast)
+    layer0 = _adapters([l for l in a.layer_linears(0) if l.target], r_max, update, optim, device, c, kernel)
+    act = _activation_terms(a, batch_size, seq_len, r_max, c, update, kernel, autocast, layer0.saved_copies)
     L = a.n_layers
     boundary = T * a.hidden * c
     # backward of one layer: the incoming gradient and the gradients of the MLP activations
@@ -189,8 +196,8 @@ def _compute(a: ArchSpec, r_max: int, seq_len: int, batch_size: int, optim: str,
     items.append(MemoryItem("kernel_transients", kern + layer_bwd,
                             kdetail + f"; one layer's backward gradients {format_bytes(layer_bwd)}"))
 
-    static = nf4 + a.unquantized_numel * c + ad_numel * 4 + (opt_total - opt_paged)
-    grads = grad_numel * 4
+    static = nf4 + a.unquantized_numel * c + ab.params * 4 + unpaged
+    grads = ab.grads
     held_logits = T * V * c  # the model output keeps its logits alive through backward
     if gradient_checkpointing:
         # end of backward: all adapter gradients + layer 0's input, recompute and backward
@@ -229,9 +236,14 @@ def plan_memory(
     layers: int | None = None,
 ) -> MemoryPlan:
     """Itemised GPU memory of a QDyLoRA training step; `gpu_memory` (e.g. '32GiB') adds a verdict."""
-    for name, v in (("r_max", r_max), ("seq_len", seq_len), ("batch_size", batch_size)):
+    sizes = {"r_max": r_max, "seq_len": seq_len, "batch_size": batch_size}
+    if layers is not None:
+        sizes["layers"] = layers
+    for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise PlannerError(f"{name}={v!r} must be a positive integer")
+    if r_max > MAX_R:
+        raise PlannerError(f"r_max={r_max} is above the largest rank the planner sizes ({MAX_R}); plan a smaller r_max")
     optim = OPTIMIZER_ALIASES.get(optim, optim)
     if optim not in OPTIMIZERS:
         raise PlannerError(f"optimizer {optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}")

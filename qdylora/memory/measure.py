@@ -1,9 +1,17 @@
 """Measuring memory: live tensor bytes of a step (any device), bytes of NF4 storage, and the planner against a measured CPU step.
 
 `measure_training_step` quantizes a random-weight model of a config to NF4, attaches r_max=64
-adapters in nested mode at rank 64 (every component gets a gradient and optimizer state) and runs
-one step of bitsandbytes PagedAdamW32bit (unpaged on the CPU). Static items are tensor bytes; the
-step's peak comes from TensorMemoryTracker (live tensor storages). Its tests and benchmark share it.
+adapters in either update mode and measures the worst step of a run in its steady state:
+
+- every adapter tensor has optimizer state: over a run each one gets a gradient at some rank (in
+  frozen mode only component b at rank b), so a first optimizer step where every tensor has a
+  zero gradient builds the state a run holds after a sweep over the ranks;
+- then one step at rank r_max: the most gradient (nested: every tensor; frozen: component r_max
+  and the stack gradient its row is a view of) and the largest low-rank activations.
+
+Static items are tensor bytes; the step's peak comes from TensorMemoryTracker (live tensor
+storages) on top of the static bytes and the state. bitsandbytes does not page on the CPU. Its
+tests and benchmark share it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from .plan import MemoryPlan
 
 ITEMS = ("nf4_weights", "unquantized_params", "adapters", "adapter_grads", "optimizer_state")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+R_MAX = 64
 
 
 def storage_bytes(tensors) -> int:
@@ -30,14 +39,52 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str = "fp32", seq_len: int = 128,
-                          layers: int | None = None) -> tuple[MemoryPlan, dict[str, int]]:
-    """(the planner's plan, measured bytes per item plus 'peak') for one rank-64 step of `config` on the CPU."""
+def planned_items(plan: MemoryPlan) -> dict[str, int]:
+    """The plan's bytes for each measured item and 'peak' (optimizer state: its paged part included)."""
+    out = {name: plan.item(name).bytes for name in ITEMS if name != "optimizer_state"}
+    out["optimizer_state"] = sum(it.bytes for it in plan.items if it.name.startswith("optimizer_state"))
+    out["peak"] = plan.peak_allocated
+    return out
+
+
+def _optimizer(optim: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizer transformers builds for `optim` (weight decay 0: a zero gradient then changes nothing)."""
     import bitsandbytes as bnb
 
+    classes = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "adamw_8bit": bnb.optim.AdamW8bit, "adamw_torch": torch.optim.AdamW}
+    return classes[optim](params, lr=1e-4, weight_decay=0.0)
+
+
+def prefill_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter its state, as after a run in which every rank was drawn: one step on zero gradients.
+
+    The optimizer allocates the state its real step allocates; with weight decay 0 the values do not move.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (paged buffers included; shared maps once)."""
+    return storage_bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
+def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str = "fp32", seq_len: int = 128,
+                          layers: int | None = None, update: str = "nested", optim: str = "paged_adamw_32bit",
+                          rank: int = R_MAX) -> tuple[MemoryPlan, dict[str, int]]:
+    """(the planner's plan, measured bytes per item plus 'peak') of the worst step of `config` on the CPU.
+
+    `rank` below r_max measures a lighter step (the plan is still the worst step's).
+    """
+    import bitsandbytes as bnb
+
+    from ..adapters.attach import attach_adapters, set_rank
     from ..adapters.config import QDyLoRAConfig
     from ..load.sharded import quantize_random_init
-    from ..adapters.attach import attach_adapters, set_rank
 
     d, src = load_config_dict(config)
     if layers:
@@ -45,33 +92,31 @@ def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str 
     cfg = config_from_dict(d, src)
     cfg.use_cache = False
     model = quantize_random_init(cfg, "cpu", compute_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
-    model = attach_adapters(model, QDyLoRAConfig(r_max=64, update="nested"))
+    model = attach_adapters(model, QDyLoRAConfig(r_max=R_MAX, update=update))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    set_rank(model, 64)
     params = [p for p in model.parameters() if p.requires_grad]
     q_ids = {id(p) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) for p in m.parameters()}
     frozen = [p for p in model.parameters() if id(p) not in q_ids and not p.requires_grad]
     measured = {"nf4_weights": quantized_bytes(model), "unquantized_params": storage_bytes(frozen),
                 "adapters": storage_bytes(params)}
-    opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
+    opt = _optimizer(optim, params)
+    prefill_optimizer_state(opt)
+    measured["optimizer_state"] = optimizer_state_bytes(opt)
+    set_rank(model, rank)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with TensorMemoryTracker() as tr:
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        step_peak = tr.peak  # activations, logits, transients and gradients
         del out
         opt.step()
     measured["adapter_grads"] = storage_bytes(p.grad for p in params)
-    measured["optimizer_state"] = storage_bytes(t for st in opt.state.values() for t in st.values()
-                                                if torch.is_tensor(t))
     static = measured["nf4_weights"] + measured["unquantized_params"] + measured["adapters"]
-    # the state exists from the first step on, so a steady-state step peaks at static + state + step peak
-    measured["peak"] = static + measured["optimizer_state"] + max(step_peak, tr.peak - measured["optimizer_state"])
-    plan = plan_memory(config, r_max=64, seq_len=seq_len, optim="paged_adamw_32bit",
-                       gradient_checkpointing=gradient_checkpointing, dtype=dtype, update="nested",
+    measured["peak"] = static + measured["optimizer_state"] + tr.peak
+    plan = plan_memory(config, r_max=R_MAX, seq_len=seq_len, optim=optim,
+                       gradient_checkpointing=gradient_checkpointing, dtype=dtype, update=update,
                        kernel="reference", device="cpu", autocast=False, layers=layers)
     return plan, measured
 

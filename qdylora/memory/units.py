@@ -13,6 +13,8 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 BNB_PAGED_MIN_NUMEL = 100_000
 BNB_MIN_8BIT_SIZE = 4096
 BNB_8BIT_BLOCKSIZE = 256
+# an 8-bit bitsandbytes optimizer's signed and unsigned dynamic quantization maps (256 fp32 each), shared by all tensors
+BNB_8BIT_QMAPS_BYTES = 2 * 256 * 4
 # per-linear quantization tables: NF4 code (16 fp32) + nested dynamic code (256 fp32) + offset (fp32)
 NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
 # CUDA context of a recent driver + cuBLAS workspace; outside the torch allocator's count
@@ -23,30 +25,35 @@ TIGHT_FRACTION = 0.85  # above this share of the budget, choose_memory_settings 
 
 
 _UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": KiB, "kib": KiB, "kb": 1000,
     "m": MiB, "mib": MiB, "mb": 1000**2,
     "g": GiB, "gib": GiB, "gb": 1000**3,
     "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
 }
+_HOW = ("write a number and a unit such as 32GiB, 24GB, 80000MiB or 32G (G, M, K and GiB/MiB/KiB are binary; "
+        "GB/MB/KB are decimal)")
 
 
 def parse_memory_size(text: str | int | float) -> int:
-    """Bytes from '32GiB', '24 GB', '80000MiB', '32G' (binary) or a plain number of bytes."""
+    """Bytes from '32GiB', '24 GB', '80000MiB', '32G' (binary); a Python int or float is a number of bytes.
+
+    A string needs its unit: '32' alone is refused rather than read as 32 bytes.
+    """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text <= 0:
-            raise PlannerError(f"memory size {text} must be positive")
+        if not math.isfinite(text) or text <= 0:
+            raise PlannerError(f"memory size {text} must be a positive number of bytes")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if m and not m.group(2):
+        raise PlannerError(f"memory size {text!r} has no unit; write {m.group(1)}GiB for {m.group(1)} GiB "
+                           "(or another unit: GB, MiB, MB)")
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
-        raise PlannerError(
-            f"cannot parse memory size {text!r}; write a number and a unit such as 32GiB, 24GB, "
-            "80000MiB or 32G (G, M, K and GiB/MiB/KiB are binary; GB/MB/KB are decimal)"
-        )
+        raise PlannerError(f"cannot parse memory size {text!r}; {_HOW}")
     value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise PlannerError(f"memory size {text!r} must be positive")
+    if value < 1:
+        raise PlannerError(f"memory size {text!r} must be positive; {_HOW}")
     return int(value)
 
 
