@@ -56,7 +56,7 @@ def test_saved_tensors_hold_all_components(tmp_path):
     assert a.shape == (16, 64) and b.shape == (64, 16)
     layer = dylora_layers(model)[0]
     assert torch.equal(a[3], layer.lora_dyA["default"][3].detach())
-    assert torch.equal(b[:, 3], layer.lora_dyB["default"][3].detach())
+    assert torch.equal(b[:, 3], layer.lora_dyB["default"][:, 3].detach())
 
 
 def test_mismatched_base_is_refused(tmp_path):

@@ -37,15 +37,19 @@ def resolve_targets(model: nn.Module, targets: Iterable[str] | None) -> list[str
     return chosen
 
 
+def lora_config(config: QDyLoRAConfig, targets: list[str]) -> LoraConfig:
+    """The peft LoraConfig that makes peft build DyLoRALinear layers (for get_peft_model or add_adapter)."""
+    lora = LoraConfig(r=config.r_max, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    lora.qdylora = config  # read by DyLoRALinear.update_layer; not serialised by peft (we save our own config)
+    lora._register_custom_module({nn.Module: DyLoRALinear})
+    return lora
+
+
 def attach_adapters(model: nn.Module, config: QDyLoRAConfig) -> PeftModel:
     """Wrap every target NF4 linear in a DyLoRALinear; returns a peft PeftModel (Trainer-ready)."""
     config.validate()
-    targets = resolve_targets(model, config.target_modules)
-    lora = LoraConfig(r=config.r_max, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    lora.qdylora = config  # read by DyLoRALinear.__init__; not serialised by peft (we save our own config)
-    lora._register_custom_module({nn.Module: DyLoRALinear})
-    peft_model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora_config(config, resolve_targets(model, config.target_modules)))
     peft_model.qdylora_config = config
     return peft_model
 
@@ -79,6 +83,11 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
     """Force 'reference' or 'triton' (None: automatic) in every DyLoRA layer."""
     for layer in dylora_layers(model):
         layer.backend = backend
+
+
+def adapted_module_names(model: nn.Module) -> list[str]:
+    """Names (as in the base model) of the linears that carry DyLoRA adapters."""
+    return [base_module_name(n) for n, m in model.named_modules() if isinstance(m, DyLoRALinear)]
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -21,7 +21,8 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "fc1", "fc2", "out_proj", "qkv_proj", "gate_up_proj", "Wqkv",
 )
 
-UPDATE_MODES = ("frozen", "nested")
+UPDATE_MODES = ("frozen", "nested", "matryoshka")
+RANK_PER = ("step", "example", "module", "example+module")
 SAMPLERS = ("uniform", "geometric", "list")
 
 
@@ -41,6 +42,8 @@ class QDyLoRAConfig:
     rank_list: list[int] | None = None
     update: str = "frozen"
     seed: int = 0
+    # what one rank draw covers: an optimizer step, a sequence, a module, or a (sequence, module) pair
+    rank_per: str = "step"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +61,8 @@ class QDyLoRAConfig:
             )
         if self.update not in UPDATE_MODES:
             raise ConfigError(f"update={self.update!r} is unknown; use one of {', '.join(UPDATE_MODES)}.")
+        if self.rank_per not in RANK_PER:
+            raise ConfigError(f"rank_per={self.rank_per!r} is unknown; use one of {', '.join(RANK_PER)} (--rank-per).")
         if self.rank_sampler not in SAMPLERS:
             raise ConfigError(f"rank_sampler={self.rank_sampler!r} is unknown; use one of {', '.join(SAMPLERS)}.")
         if self.rank_list is not None and self.rank_sampler != "list":
@@ -90,6 +95,10 @@ class QDyLoRAConfig:
                 f"pick a rank between {self.r_min} and {self.r_max}."
             )
         return int(rank)
+
+    def power_of_two_ranks(self) -> list[int]:
+        """r_min, every power of two in between, and r_max: 1, 2, 4, ..., 64 for ranks 1..64."""
+        return sorted({self.r_min, self.r_max} | {2 ** k for k in range(20) if self.r_min <= 2 ** k <= self.r_max})
 
     def scale(self, rank: int) -> float:
         """DyLoRA's scale alpha / b at rank b."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..adapters.config import QDyLoRAConfig, SAMPLERS, UPDATE_MODES
+from ..adapters.config import RANK_PER, SAMPLERS, UPDATE_MODES, QDyLoRAConfig
 from ..errors import ConfigError
 from ..train.config import OPTIMIZERS, TrainConfig
 
@@ -21,7 +21,10 @@ SETTINGS = [
     ("--dropout", "qdylora", "dropout", float, "dropout on the low-rank path's input"),
     ("--update", "qdylora", "update", str,
      "frozen: only component b trains at rank b (DyLoRA); nested: all components < b train"),
-    ("--rank-sampler", "qdylora", "rank_sampler", str, "how the per-step rank is drawn"),
+    ("--rank-per", "qdylora", "rank_per", str,
+     "what one rank draw covers: step (every module and row), example (each sequence), module (each adapted "
+     "linear), example+module"),
+    ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,
      "comma-separated linear names to adapt, or all-linear (default: attention and MLP linears)"),
@@ -39,7 +42,7 @@ SETTINGS = [
     ("--save-total-limit", "train", "save_total_limit", int,
      "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
 ]
-CHOICES = {"update": UPDATE_MODES, "rank_sampler": SAMPLERS, "optim": OPTIMIZERS}
+CHOICES = {"update": UPDATE_MODES, "rank_sampler": SAMPLERS, "optim": OPTIMIZERS, "rank_per": RANK_PER}
 
 
 def _default(group: str | None, field: str):

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..adapters.config import QDyLoRAConfig
 from ..errors import AdapterError, ConfigError, DataError
 from .common import BASE_RANK, check_ranks
 
@@ -115,11 +114,6 @@ def parse_ranks(text: str) -> list[int]:
     if not ranks:
         raise ConfigError("--ranks is empty; write ranks like 1,2,4,8")
     return sorted(ranks)
-
-
-def default_ranks(cfg: QDyLoRAConfig) -> list[int]:
-    """r_min, every power of two in between, and r_max: 1,2,4,...,64 for the default adapter."""
-    return sorted({cfg.r_min, cfg.r_max} | {2 ** k for k in range(12) if cfg.r_min <= 2 ** k <= cfg.r_max})
 
 
 def check_task(task: str) -> str:
@@ -255,7 +249,7 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
     adapter_dir, _ = find_adapter(adapter_dir)
     meta, _ = read_adapter(adapter_dir)
     cfg = adapter_config(meta, str(adapter_dir))
-    ranks = sorted(set(int(r) for r in (default_ranks(cfg) if ranks is None else ranks)) - {BASE_RANK})
+    ranks = sorted(set(int(r) for r in (cfg.power_of_two_ranks() if ranks is None else ranks)) - {BASE_RANK})
     if not ranks:
         raise ConfigError("no ranks to evaluate; give at least one, e.g. --ranks 1,8,64")
     for r in ranks:  # before loading anything heavy

@@ -1,4 +1,4 @@
-"""Trainer callbacks: the rank of each optimizer step, the progress bar and JSONL log, Ctrl-C handling."""
+"""Trainer callbacks: the progress bar and JSONL log, Ctrl-C handling."""
 
 from __future__ import annotations
 
@@ -9,27 +9,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ..adapters.attach import set_rank
-from ..adapters.rank_sampler import RankSampler
-
-
-class RankCallback(TrainerCallback):
-    """One rank per optimizer step (all gradient-accumulation micro-steps share it), from (seed, step)."""
-
-    def __init__(self, model, sampler: RankSampler | None) -> None:
-        self.model, self.sampler, self.rank = model, sampler, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.sampler is not None:
-            self.rank = self.sampler.sample(state.global_step)
-            set_rank(self.model, self.rank)
 
 
 class LogCallback(TrainerCallback):
     """tqdm bar (loss, rank, tokens/s) and one JSON line per log event."""
 
-    def __init__(self, log_path: Path, rank_cb: RankCallback, trainer_ref) -> None:
-        self.log_path, self.rank_cb, self.trainer_ref = log_path, rank_cb, trainer_ref
+    def __init__(self, log_path: Path, trainer_ref) -> None:
+        self.log_path, self.trainer_ref = log_path, trainer_ref
         self.bar = None
         self.t0 = self.tok0 = None
 
@@ -47,14 +33,17 @@ class LogCallback(TrainerCallback):
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = (self.trainer_ref.tokens_seen - self.tok0) / dt
-        rec = {"step": state.global_step, "loss": logs["loss"], "rank": self.rank_cb.rank,
+        schedule = self.trainer_ref.rank_schedule
+        ranks = schedule.step_ranks() if schedule is not None else []
+        rec = {"step": state.global_step, "loss": logs["loss"], "rank": max(ranks) if ranks else None,
+               **({"ranks": ranks} if schedule is not None and schedule.config.rank_per != "step" else {}),
                "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                "tokens_per_s": round(tps, 2), "tokens_seen": self.trainer_ref.tokens_seen,
                "elapsed_s": round(dt, 3)}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", rank=self.rank_cb.rank, tok_s=f"{tps:.0f}")
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", rank=rec["rank"], tok_s=f"{tps:.0f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -19,12 +19,12 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..adapters.attach import dylora_layers, set_rank
 from ..adapters.config import QDyLoRAConfig
 from ..adapters.files import load_adapter_weights, read_adapter, save_adapter
-from ..adapters.rank_sampler import RankSampler
 from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
 from ..errors import AdapterError, TrainingError
-from .callbacks import InterruptCallback, LogCallback, RankCallback
+from .callbacks import InterruptCallback, LogCallback
 from .config import TrainConfig
-from .optimizer import resolve_optim
+from .optimizer import ComponentAdamW, resolve_optim, state_settings
+from .rank_schedule import RankSchedule
 from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints, tokens_at
 
 
@@ -35,8 +35,9 @@ class NonFiniteLoss(TrainingError):
 class QDyLoRATrainer(Trainer):
     """Trainer that saves qdylora adapters, writes checkpoints atomically and stops on a non-finite loss."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, rank_schedule: RankSchedule | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.rank_schedule = rank_schedule
         self.tokens_seen = 0
         self._staging: str | None = None
         self.last_checkpoint: str | None = None
@@ -47,6 +48,8 @@ class QDyLoRATrainer(Trainer):
         return set(super().get_decay_parameter_names(model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.rank_schedule is not None:
+            self.rank_schedule.before_micro_step(self.state.global_step, int(inputs["input_ids"].shape[0]))
         self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -137,16 +140,22 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     layers = dylora_layers(model)
     qcfg: QDyLoRAConfig | None = layers[0].qdylora_config if layers else None
-    rank_cb = RankCallback(model, RankSampler(qcfg) if qcfg else None)
+    schedule = RankSchedule(model, qcfg) if qcfg else None
     stop_cb = InterruptCallback()
     # without a tokenizer the examples must already have equal lengths (benchmarks, GPU tests)
     collator = (DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
                 if tokenizer is not None else default_data_collator)
-    trainer = QDyLoRATrainer(model=model, args=_training_args(cfg, output_dir), train_dataset=train_dataset,
-                             data_collator=collator, callbacks=[rank_cb, stop_cb])
+    args = _training_args(cfg, output_dir)
+    optimizer = None
+    if schedule is not None:
+        optimizer = (ComponentAdamW, dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                          eps=args.adam_epsilon, axes=schedule.axes, active=schedule.active,
+                                          **state_settings(resolve_optim(cfg.optim))))
+    trainer = QDyLoRATrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                             callbacks=[stop_cb], rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LogCallback(Path(output_dir) / LOG_NAME, rank_cb, trainer))
+    trainer.add_callback(LogCallback(Path(output_dir) / LOG_NAME, trainer))
     if resume_from:
         trainer.last_checkpoint = str(resume_from)
         trainer.tokens_seen = tokens_at(output_dir, int(Path(resume_from).name.split("-")[-1]))

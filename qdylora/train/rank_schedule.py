@@ -1,0 +1,73 @@
+"""The ranks of training: before each micro-step, set every DyLoRA layer's rank(s) from the seeded draws, and
+record which components each optimizer step trains (what ComponentAdamW steps).
+
+Which components a step trains, per update rule: 'frozen' - component b-1 for every rank b a row or
+module ran at; 'nested' - components 0..b-1 for the largest such b; 'matryoshka' - all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters.attach import dylora_layers
+from ..adapters.config import QDyLoRAConfig
+from ..adapters.rank_sampler import RankSampler
+
+
+class RankSchedule:
+    """Rank draws of one training run; stateless apart from the step it is in (so a resume draws the same)."""
+
+    def __init__(self, model: nn.Module, config: QDyLoRAConfig, process_index: int = 0) -> None:
+        self.config, self.process_index = config, process_index
+        self.layers = dylora_layers(model)
+        self.sampler = RankSampler(config)
+        self.step: int | None = None
+        self.micro = 0
+        self.trained: list[set[int]] = [set() for _ in self.layers]
+        self.last_ranks: list[list[int]] = [[] for _ in self.layers]
+        self.seen: set[int] = set()
+        # every adapter parameter -> (its layer, its component axis): what ComponentAdamW needs
+        self.axes: dict[torch.Tensor, int] = {}
+        self._layer_of: dict[torch.Tensor, int] = {}
+        for i, layer in enumerate(self.layers):
+            for p, axis in layer.component_axes():
+                self.axes[p] = axis
+                self._layer_of[p] = i
+
+    def _components(self, ranks: list[int]) -> set[int]:
+        update = self.config.update
+        if update == "frozen":
+            return {r - 1 for r in ranks}
+        top = self.config.r_max if update == "matryoshka" else max(ranks)
+        return set(range(top))
+
+    def before_micro_step(self, step: int, rows: int) -> None:
+        """Set the layers' ranks for the next micro-batch of `rows` sequences of optimizer step `step`."""
+        if step != self.step:
+            self.step, self.micro = step, 0
+            self.trained = [set() for _ in self.layers]
+            self.seen = set()
+        per, s, first = self.config.rank_per, self.sampler, self.process_index * rows
+        for i, layer in enumerate(self.layers):
+            if per == "step":
+                ranks = [s.sample(step)]
+            elif per == "module":
+                ranks = [s.module(step, i)]
+            elif per == "example":
+                ranks = s.rows(step, self.micro, rows, first) if i == 0 else self.last_ranks[0]
+            else:  # example+module
+                ranks = s.rows(step, self.micro, rows, first, module=i)
+            layer.set_rank(ranks[0] if len(ranks) == 1 and per in ("step", "module") else torch.tensor(ranks))
+            self.last_ranks[i] = ranks
+            self.seen.update(ranks)
+            self.trained[i] |= self._components(ranks)
+        self.micro += 1
+
+    def active(self, param: torch.Tensor) -> torch.Tensor:
+        """Indices of the components of `param`'s adapter trained in the current step."""
+        return torch.tensor(sorted(self.trained[self._layer_of[param]]), dtype=torch.long)
+
+    def step_ranks(self) -> list[int]:
+        """The distinct ranks the current step ran at, over every layer and micro-step so far (for the log)."""
+        return sorted(self.seen)
