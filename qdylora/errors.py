@@ -29,3 +29,7 @@ class TrainingError(QDyLoRAError, RuntimeError):
 
 class PlannerError(QDyLoRAError, ValueError):
     """Bad planner input; the message names the problem and the fix."""
+
+
+class BackendError(QDyLoRAError, RuntimeError):
+    """The backend asked for (QDYLORA_BACKEND / backend='triton') cannot run here; the message says why."""
