@@ -1,9 +1,19 @@
-# Source on a GPU machine without network access: installs carried wheels (.whl/) into /tmp/site and
-# makes qdylora / qdylora_kernels importable from this checkout without pip-installing it.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-mkdir -p /tmp/pkgs
-ln -sfn "$PWD/qdylora" /tmp/pkgs/qdylora
-ln -sfn "$PWD/kernels/qdylora_kernels" /tmp/pkgs/qdylora_kernels
-export PYTHONPATH=/tmp/pkgs:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Source on the GPU machine (no network) for commands by hand: installs the carried wheels (.whl/)
+# into /tmp/qdylora_site and puts them and this checkout's packages first on PYTHONPATH, as
+# scripts/gpu_check.sh does for its stages (benchmarks/gpu_wheels.py).
+eval "$(python3 - <<'PY'
+import shlex, sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+import gpu_wheels as w
+error = w.install(Path("/tmp/qdylora_site"))
+if error:
+    print(f"echo {shlex.quote('carried wheels not installed: ' + error)} >&2")
+env = w.stage_env([Path("/tmp/qdylora_site"), w.packages_dir(Path("/tmp/qdylora_pkgs"))])
+for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM",
+          "TRITON_DEFAULT_FP_FUSION"):
+    print(f"export {k}={shlex.quote(env[k])}")
+PY
+)"
 nvidia-smi -L
-python3 -c "import torch, triton, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, torch.cuda.get_device_name(0))"
+python3 benchmarks/gpu_env_report.py --output /tmp/qdylora_env.json

@@ -34,6 +34,10 @@ class PlannerError(QDyLoRAError, ValueError):
     """Bad planner input; the message names the problem and the fix."""
 
 
+class BackendError(QDyLoRAError, RuntimeError):
+    """The backend asked for (QDYLORA_BACKEND / backend='triton') cannot run here; the message says why."""
+
+
 def check_int(name: str, value: Any, minimum: int, flag: str | None = None) -> None:
     """ConfigError unless `value` is an integer >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

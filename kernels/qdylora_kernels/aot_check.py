@@ -1,9 +1,12 @@
 """Compile the kernels for an NVIDIA target without a GPU: `python -m qdylora_kernels.aot_check`.
 
-Runs the real launch wrappers (forward.py, backward.py) on small CPU tensors with a stand-in
-driver that only compiles (Triton's warmup path) for sm_90, so every configuration the wrappers
-pick for the given row counts and dtypes goes through the whole Triton -> PTX -> cubin
-pipeline. Reports registers, spills and shared memory per kernel (from ptxas -v). Catches what
+Runs the real op (function.py: forward, then backward) on CPU tensors with a stand-in driver that
+only compiles (Triton's warmup path) for sm_90, so every kernel the op launches for a given call
+goes through the whole Triton -> PTX -> cubin pipeline. A call is a `Launch` (rows, out, in,
+allocated rank, dtype, bias, a separate low-rank input); out and in are replaced by small
+stand-ins with the same residues (Triton specialises integer arguments on == 1 and on
+divisibility by 16; in_features % 128 picks a tile), so the compiled kernels are the ones the
+real sizes get, without allocating them. Reports registers, spills and shared memory per kernel (from ptxas -v). Catches what
 the CPU interpreter cannot: layouts, inline PTX, register pressure. Needs the ptxas that ships
 with Triton's pip wheel, not a GPU; must run without TRITON_INTERPRET.
 """
@@ -15,6 +18,8 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -75,25 +80,84 @@ def _loop_mix(cubin: bytes) -> dict:
     return {}
 
 
-def compile_all(ms=(1, 16, 64, 65, 256, 4096), dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                arch: int = 90, N: int = 256, K: int = 256, R: int = 64, sass: bool = False) -> list[dict]:
-    """Compile what the wrappers launch for each row count and dtype; one record per compiled kernel."""
-    import bitsandbytes.functional as bnbF
+@dataclass(frozen=True)
+class Launch:
+    """One call of the op: M rows, N out, K in features, R allocated rank; backward too when grads."""
 
-    from . import backward, common, forward
-    from .nf4 import nf4_weight
+    M: int
+    N: int
+    K: int
+    R: int = 64
+    dtype: torch.dtype = torch.bfloat16
+    bias: bool = False
+    x_lora: bool = False
+    grads: bool = True
+
+    def stand_in(self) -> "Launch":
+        """The same call with small N and K of the same residues: the same compiled kernels."""
+        n = 128 + self.N % 16 if self.N > 1 else 1
+        k = 256 if self.K % 128 == 0 else 192
+        return Launch(self.M, n, k, self.R, self.dtype, self.bias, self.x_lora, self.grads)
+
+
+def _nf4_stand_in(N: int, K: int, dtype: torch.dtype):
+    """(packed weight, quant state) with bitsandbytes' NF4 layout and nested absmax, values unset."""
+    state2 = SimpleNamespace(absmax=torch.zeros(max(1, N * K // 64 // 256)), code=torch.zeros(256), blocksize=256)
+    qs = SimpleNamespace(quant_type="nf4", blocksize=64, shape=torch.Size([N, K]), nested=True, dtype=dtype,
+                         absmax=torch.zeros(N * K // 64, dtype=torch.uint8), code=torch.zeros(16), offset=0.0,
+                         state2=state2)
+    return torch.zeros(N * K // 2, 1, dtype=torch.uint8), qs
+
+
+def _call(launch: Launch) -> None:
+    """Run the op's forward (and backward) for `launch` on zero-filled CPU tensors."""
+    from . import function
+
+    c = launch.stand_in()
+    packed, qs = _nf4_stand_in(c.N, c.K, c.dtype)
+    reason = function.unsupported(torch.zeros(c.M, c.K, dtype=c.dtype), packed, qs, None,
+                                  torch.zeros(c.R, c.K, dtype=c.dtype), torch.zeros(c.N, c.R, dtype=c.dtype),
+                                  None, None)
+    assert reason in (None, "x is on cpu, the kernels need CUDA"), f"{launch}: {reason}"
+
+    def leaf(*shape):
+        return torch.zeros(*shape, dtype=c.dtype, requires_grad=c.grads)
+
+    x, A, B = leaf(c.M, c.K), leaf(c.R, c.K), leaf(c.N, c.R)
+    bias = leaf(c.N) if c.bias else None
+    xl = leaf(c.M, c.K) if c.x_lora else None
+    ranks = torch.full((c.M,), c.R, dtype=torch.long)
+    with torch.set_grad_enabled(c.grads):
+        y = function.triton_qdylora_linear(x, packed, qs, bias, A, B, ranks, 16.0, "nested", xl)
+        if c.grads:
+            y.backward(torch.zeros_like(y))
+
+
+def compile_launches(launches, arch: int = 90, sass: bool = False, configs_only: bool = False,
+                     ptxas_report: bool = True) -> list[dict]:
+    """Compile every kernel the op launches for each call in `launches`; one record per distinct kernel.
+
+    configs_only: one compile per kernel configuration (constexprs, warps, stages), not per
+    specialisation of the integer arguments (fewer compiles, a faster check).
+    ptxas_report: registers and spills from a second `ptxas -v` (else -1: unknown).
+    """
+    from . import common
 
     assert not common.INTERPRET, "run without TRITON_INTERPRET: the interpreter compiles nothing"
-    records, seen = [], set()
+    records, seen, configs = [], set(), set()
     original_run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
+        config = (self.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items() if k.isupper() or k.startswith("num_"))))
+        if configs_only and config in configs:
+            return None  # the wrappers ignore what a launch returns
+        configs.add(config)
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         key = (self.fn.__name__, kernel.hash)
         if key not in seen:
             seen.add(key)
             consts = {k: v for k, v in kwargs.items() if k.isupper() and k != "LUT_ASM"}
-            info = _ptxas_info(kernel.asm["ptx"], arch)
+            info = _ptxas_info(kernel.asm["ptx"], arch) if ptxas_report else dict(regs=-1, spills=-1)
             if sass:
                 info.update(_loop_mix(kernel.asm["cubin"]))
             records.append(dict(kernel=self.fn.__name__, shared=kernel.metadata.shared,
@@ -106,31 +170,34 @@ def compile_all(ms=(1, 16, 64, 65, 256, 4096), dtypes=(torch.bfloat16, torch.flo
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
     try:
-        g = torch.Generator().manual_seed(0)
-        for dtype in dtypes:
-            packed, qs = bnbF.quantize_4bit(torch.randn(N, K, generator=g).to(dtype), blocksize=64,
-                                            compress_statistics=True, quant_type="nf4")
-            w = nf4_weight(packed, qs)
-            A = torch.randn(R, K, generator=g).to(dtype)
-            B = torch.randn(N, R, generator=g).to(dtype)
-            bias = torch.randn(N, generator=g).to(dtype)
-            for M in ms:
-                x = torch.randn(M, K, generator=g).to(dtype)
-                dy = torch.randn(M, N, generator=g).to(dtype)
-                ranks = torch.full((M,), R, dtype=torch.long)
-                h, gr = torch.zeros(M, R, dtype=dtype), torch.zeros(M, R, dtype=dtype)
-                if M <= common.SMALL_M:
-                    forward.splitk_forward(x, x, A, ranks, B, bias, w, 16.0)
-                    backward.splitn_dx(dy, A, B, ranks, w, 16.0, separate_lora=False)
-                    backward.splitn_dx(dy, A, B, ranks, w, 16.0, separate_lora=True)
-                else:
-                    forward.fused_forward(x, h, ranks, B, bias, w, 16.0)
-                    backward.fused_dx(dy, gr, ranks, A, w, 16.0, with_lora=True)
-                    backward.fused_dx(dy, gr, ranks, A, w, 16.0, with_lora=False)
+        for launch in dict.fromkeys(l.stand_in() for l in launches):
+            _call(launch)
     finally:
         JITFunction.run = original_run
         driver._active = previous
     return records
+
+
+def compile_all(ms=(1, 16, 64, 65, 256, 4096), dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                arch: int = 90, N: int = 256, K: int = 256, R: int = 64, sass: bool = False) -> list[dict]:
+    """Compile what the op launches for each row count and dtype, with and without a separate x_lora."""
+    return compile_launches([Launch(M, N, K, R, dtype, bias=True, x_lora=xl)
+                             for dtype in dtypes for M in ms for xl in (False, True)], arch, sass)
+
+
+def print_records(records: list[dict], arch: int) -> int:
+    """One line per compiled kernel; returns how many have no register count (ptxas failed)."""
+    bad = 0
+    for r in records:
+        flag = "SPILLS" if r["spills"] > 0 else ""
+        print(f"{r['kernel']:22s} warps={r['warps']} stages={r['stages']} lut={r['lut']:6s} regs={r['regs']:3d} "
+              f"spills={r['spills']:5d} smem={r['shared']:6d}  "
+              + " ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("BLOCK", "HAS", "SEP"))) + f" {flag}")
+        if "loop_instrs" in r:
+            print(f"{'':22s} main loop: {r['loop_instrs']} SASS instructions ({r['loop_mix']})")
+        bad += r["regs"] < 0
+    print(f"{len(records)} kernels compiled for sm_{arch} with triton {triton.__version__}")
+    return bad
 
 
 def main(argv=None) -> int:
@@ -144,17 +211,7 @@ def main(argv=None) -> int:
     ms, dtypes = ((1, 4096), (torch.bfloat16,)) if args.quick else ((1, 16, 64, 65, 256, 4096),
                                                                    (torch.bfloat16, torch.float16, torch.float32))
     records = compile_all(ms, dtypes, args.arch, sass=args.sass)
-    bad = 0
-    for r in records:
-        flag = "SPILLS" if r["spills"] > 0 else ""
-        print(f"{r['kernel']:22s} warps={r['warps']} stages={r['stages']} lut={r['lut']:6s} regs={r['regs']:3d} "
-              f"spills={r['spills']:5d} smem={r['shared']:6d}  "
-              + " ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("BLOCK", "HAS", "SEP"))) + f" {flag}")
-        if "loop_instrs" in r:
-            print(f"{'':22s} main loop: {r['loop_instrs']} SASS instructions ({r['loop_mix']})")
-        bad += r["regs"] < 0
-    print(f"{len(records)} kernels compiled for sm_{args.arch}")
-    return 1 if bad else 0
+    return 1 if print_records(records, args.arch) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The QDyLoRA linear op and its backend choice (Triton on CUDA, PyTorch reference elsewhere)."""
+"""The QDyLoRA linear op and its backend choice (Triton on CUDA, PyTorch reference elsewhere).
+
+The Triton path is used only for calls its kernels support (`qdylora_kernels.function.unsupported`)
+and only after its self-check passed for that kernel variant (selfcheck.py); otherwise the call
+takes the reference path, with a warning.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from bitsandbytes.functional import QuantState
 
 from qdylora_kernels.ranks import row_ranks
 
+from ..errors import BackendError
+from . import selfcheck
 from .reference import ReferenceQDyLoRALinear
 
 BACKENDS = ("auto", "reference", "triton")
@@ -27,17 +34,31 @@ def _triton_impl():
     return function
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """'reference' or 'triton' for a tensor on `device`; QDYLORA_BACKEND overrides 'auto'."""
+def _auto_backend(device: torch.device) -> str:
+    """What 'auto' means on `device`."""
+    return "triton" if device.type == "cuda" and _triton_impl() is not None else "reference"
+
+
+def requested_backend(backend: str | None) -> str:
+    """'auto', 'reference' or 'triton': the argument, else QDYLORA_BACKEND, else 'auto'."""
     choice = backend or "auto"
     if choice == "auto":
         choice = os.environ.get("QDYLORA_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"backend {choice!r} is unknown; set QDYLORA_BACKEND to one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """'reference' or 'triton' for a tensor on `device`; QDYLORA_BACKEND overrides 'auto'."""
+    return _resolve(requested_backend(backend), device)
+
+
+def _resolve(choice: str, device: torch.device) -> str:
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" and _triton_impl() is not None else "reference"
+        choice = _auto_backend(device)
     if choice == "triton" and _triton_impl() is None:
-        raise RuntimeError("QDYLORA_BACKEND=triton but the Triton kernels cannot be imported; install triton")
+        raise BackendError("QDYLORA_BACKEND=triton but the Triton kernels cannot be imported; install triton")
     return choice
 
 
@@ -67,13 +88,16 @@ def qdylora_linear(
     r = row_ranks(ranks, x2.shape[0], x.device)
     if backend is None and x2.shape[0] == 0:
         backend = "reference"
-    impl = resolve_backend(backend, x.device)
+    choice = requested_backend(backend)
+    impl = _resolve(choice, x.device)
     fn = ReferenceQDyLoRALinear.apply
     if impl == "triton":
         kernels = _triton_impl()
         reason = kernels.unsupported(x2, weight, quant_state, bias, lora_A, lora_B, r, xl2)
         if reason is None:
-            fn = kernels.triton_qdylora_linear
+            # a failed self-check has already warned (or raised when strict): nothing more to say
+            if selfcheck.check(kernels, x2, quant_state, bias, xl2, strict=choice == "triton") is None:
+                fn = kernels.triton_qdylora_linear
         else:
             warnings.warn(f"qdylora: the Triton kernels cannot run this call ({reason}); using the PyTorch "
                           "reference path", stacklevel=2)
