@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from qdylora.train import callbacks as callbacks_mod
 from qdylora.train import trainer as trainer_mod
+from qdylora.train.rank_schedule import RankSchedule
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.adapters.rank_sampler import RankSampler
 from qdylora.train import TrainConfig, TrainingError, read_log, train
@@ -36,12 +36,30 @@ def _run(tiny_model_dir, data_file, out, steps=6, **kw):
     return train(str(tiny_model_dir), data_file, str(out), q, t, **kw)
 
 
-def test_training_logs_one_sampled_rank_per_step_and_saves_adapter(tiny_model_dir, data_file, tmp_path):
+def test_every_micro_step_runs_the_step_rank_and_the_adapter_is_saved(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    from qdylora.adapters.layer import DyLoRALinear
+
+    seen: list = []  # per micro-step: the ranks the DyLoRA layers' forwards ran at (checkpointing recomputes them)
+    orig_step, orig_forward = trainer_mod.QDyLoRATrainer.training_step, DyLoRALinear.forward
+
+    def training_step(self, *a, **k):
+        seen.append(set())
+        return orig_step(self, *a, **k)
+
+    def forward(layer, *a, **k):
+        if layer.training:
+            seen[-1].add(layer.rank)
+        return orig_forward(layer, *a, **k)
+
+    monkeypatch.setattr(trainer_mod.QDyLoRATrainer, "training_step", training_step)
+    monkeypatch.setattr(DyLoRALinear, "forward", forward)
     res = _run(tiny_model_dir, data_file, tmp_path / "run")
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=11))
-    assert [r["rank"] for r in log] == [sampler.sample(s) for s in range(6)]
+    # grad_accum 2: both micro-steps of step t ran at the step's documented draw, in every layer
+    assert seen == [{sampler.sample(t)} for t in range(6) for _ in range(2)]
+    assert [r["rank"] for r in log] == [sampler.sample(t) for t in range(6)]
     assert all(r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert res["global_step"] == 6
     for ck in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):
@@ -56,16 +74,16 @@ def test_interrupt_then_resume_gives_the_same_losses(tiny_model_dir, data_file, 
     _run(tiny_model_dir, data_file, tmp_path / "full")
     full = read_log(tmp_path / "full")
 
-    orig = callbacks_mod.RankCallback.on_step_begin
+    orig = RankSchedule.before_micro_step
 
-    def ctrl_c_at_step_3(self, args, state, control, **kw):
-        if state.global_step == 3:
+    def ctrl_c_at_step_3(self, step, rows):
+        if step == 3 and self.step != 3:  # the first micro-step of step 4
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; the handler lets the step finish
-        return orig(self, args, state, control, **kw)
+        return orig(self, step, rows)
 
-    monkeypatch.setattr(callbacks_mod.RankCallback, "on_step_begin", ctrl_c_at_step_3)
+    monkeypatch.setattr(RankSchedule, "before_micro_step", ctrl_c_at_step_3)
     res = _run(tiny_model_dir, data_file, tmp_path / "cut")
-    monkeypatch.setattr(callbacks_mod.RankCallback, "on_step_begin", orig)
+    monkeypatch.setattr(RankSchedule, "before_micro_step", orig)
     assert res["interrupted"] and res["global_step"] == 4
     assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "adapter").exists()
 

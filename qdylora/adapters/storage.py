@@ -6,8 +6,7 @@ like peft's LoRA; the layer slices them (views). The rules differ in which compo
 and which ones the optimizer steps (qdylora.train.optimizer.ComponentAdamW), not in storage.
 
 The layer creates its parameters from `adapter_tensor_shapes` and the memory planner sizes adapters,
-gradients and optimizer state from the same shapes. The lists leave room for a side kept in several
-tensors (consecutive components each); `components_per_tensor` says how many each holds.
+gradients and optimizer state from the same shapes.
 """
 
 from __future__ import annotations
@@ -21,10 +20,3 @@ def adapter_tensor_shapes(in_features: int, out_features: int, r_max: int,
     if update not in UPDATE_MODES:
         raise ValueError(f"update={update!r}; use one of {', '.join(UPDATE_MODES)}")
     return {"A": [(r_max, in_features)], "B": [(out_features, r_max)]}
-
-
-def components_per_tensor(shapes: list[tuple[int, ...]], r_max: int) -> int:
-    """How many consecutive rank components each tensor of one side holds."""
-    if not shapes or r_max % len(shapes):
-        raise ValueError(f"{len(shapes)} tensors cannot hold {r_max} components evenly")
-    return r_max // len(shapes)

@@ -38,13 +38,13 @@ from .adapter_bytes import AdapterBytes, adapter_bytes
 from .advice import advice, largest
 from .architecture import ArchSpec, LinearSpec, load_arch
 from .plan import MemoryItem, MemoryPlan
-from .units import (ALLOCATOR_SLACK, BNB_8BIT_QMAPS_BYTES, BNB_MIN_8BIT_SIZE, CUDA_CONTEXT_BYTES, NF4_TABLE_BYTES,
+from .units import (ALLOCATOR_SLACK, BNB_8BIT_QMAPS_BYTES, CUDA_CONTEXT_BYTES, NF4_TABLE_BYTES,
                     dtype_bytes, format_bytes, nf4_bytes, parse_memory_size)
 
 # training's optimizer names but 'auto', which means what the training machine finds, not a planned device
 OPTIMIZERS = tuple(o for o in TRAIN_OPTIMIZERS if o != "auto")
 OPTIMIZER_ALIASES = {"adamw": "adamw_torch"}
-# frozen mode stores one tensor per component: the planner's work grows with r_max
+# a sanity bound: no practical adapter comes near it
 MAX_R = 8192
 
 
@@ -58,12 +58,11 @@ def _adapters(linears: list[LinearSpec], r_max: int, update: str, optim: str, de
 
 def _optimizer_items(ab: AdapterBytes, optim: str, device: str) -> list[MemoryItem]:
     """The optimizer state in the allocator and the part bitsandbytes pages (items without bytes left out)."""
-    opt_detail = {"adamw_torch": "torch AdamW, 8 B/param", "paged_adamw_32bit": "bnb paged AdamW 32-bit, 8 B/param",
-                  "paged_adamw_8bit": "bnb paged AdamW 8-bit, 2 B/param + absmax",
-                  "adamw_8bit": "bnb AdamW 8-bit, 2 B/param + absmax"}[optim]
+    opt_detail = {"adamw_torch": "ComponentAdamW 32-bit, 8 B/param",
+                  "paged_adamw_32bit": "ComponentAdamW 32-bit paged, 8 B/param",
+                  "paged_adamw_8bit": "ComponentAdamW 8-bit paged, 2 B/param + absmax",
+                  "adamw_8bit": "ComponentAdamW 8-bit, 2 B/param + absmax"}[optim]
     opt_detail += f"; state of all {ab.tensors} adapter tensors (each gets a gradient at some rank)"
-    if ab.fp32_state_tensors:
-        opt_detail += f"; {ab.fp32_state_tensors} of them below {BNB_MIN_8BIT_SIZE} values keep 32-bit state"
     if optim.startswith("paged_"):
         if device != "cuda":
             opt_detail += "; nothing paged: bitsandbytes pages only on CUDA"
@@ -72,8 +71,7 @@ def _optimizer_items(ab: AdapterBytes, optim: str, device: str) -> list[MemoryIt
                            "move to CPU RAM when the GPU is full)")
         else:
             opt_detail += "; nothing paged: bnb pages only tensors of >= 1e5 values and every adapter tensor is smaller"
-    eight_bit_tensors = ab.tensors - ab.fp32_state_tensors if optim.endswith("8bit") else 0
-    unpaged = ab.state - ab.paged + (BNB_8BIT_QMAPS_BYTES if eight_bit_tensors else 0)
+    unpaged = ab.state - ab.paged + (BNB_8BIT_QMAPS_BYTES if optim.endswith("8bit") else 0)
     items = [MemoryItem("optimizer_state", unpaged, opt_detail)] if unpaged else []
     if ab.paged:
         items.append(MemoryItem("optimizer_state_paged", ab.paged,
@@ -92,7 +90,7 @@ def _activation_terms(a: ArchSpec, batch: int, seq: int, r: int, c: int, update:
     tgt = [l for l in layer_lin if l.target]
     masks = 0 if kernel == "triton" else (2 if update == "frozen" else 1)
     # per target linear: the low-rank activations h=[T, r] in c, the fp32 rank masks (reference op),
-    # the int64 per-row ranks (Triton op); plus the layer's A/B copies (stack or cast, see adapter_bytes)
+    # the int64 per-row ranks (Triton op); plus the layer's A/B copies (casts, see adapter_bytes)
     lora = len(tgt) * (T * r * c + T * r * 4 * masks) + factor_copies
     if kernel == "triton":
         lora += len(tgt) * T * 8
@@ -209,8 +207,8 @@ def _compute(a: ArchSpec, r_max: int, seq_len: int, batch_size: int, optim: str,
         # end of forward / start of backward: everything saved + the loss's transients, no gradients yet
         "loss": static + saved + logits_peak,
         "backward": bwd,
-        # optimizer step: gradients + state; torch's AdamW (foreach) needs temporaries of gradient size
-        "optimizer_step": static + grads + (grads if optim == "adamw_torch" else 0),
+        # optimizer step: gradients + state + ComponentAdamW's temporaries for the largest tensor
+        "optimizer_step": static + grads + ab.step_temporaries,
     }
     if device == "cuda":
         notes.append("cuda_context and allocator_slack are on the card but outside torch.cuda.max_memory_allocated")

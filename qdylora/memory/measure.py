@@ -6,8 +6,8 @@ adapters in either update mode and measures the worst step of a run in its stead
 - every adapter tensor has optimizer state: over a run each one gets a gradient at some rank (in
   frozen mode only component b at rank b), so a first optimizer step where every tensor has a
   zero gradient builds the state a run holds after a sweep over the ranks;
-- then one step at rank r_max: the most gradient (nested: every tensor; frozen: component r_max
-  and the stack gradient its row is a view of) and the largest low-rank activations.
+- then one step at rank r_max: the largest low-rank activations (every rule gives its two tensors
+  full-size gradients at any rank).
 
 Static items are tensor bytes; the step's peak comes from TensorMemoryTracker (live tensor
 storages) on top of the static bytes and the state. bitsandbytes does not page on the CPU. Its
@@ -47,13 +47,14 @@ def planned_items(plan: MemoryPlan) -> dict[str, int]:
     return out
 
 
-def _optimizer(optim: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """The optimizer transformers builds for `optim` (weight decay 0: a zero gradient then changes nothing)."""
-    import bitsandbytes as bnb
+def _optimizer(optim: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer training builds for `optim`: ComponentAdamW over the adapters (every component active here)."""
+    from ..adapters.attach import dylora_layers
+    from ..train.optimizer import ComponentAdamW, state_settings
 
-    classes = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "adamw_8bit": bnb.optim.AdamW8bit, "adamw_torch": torch.optim.AdamW}
-    return classes[optim](params, lr=1e-4, weight_decay=0.0)
+    axes = {p: axis for layer in dylora_layers(model) for p, axis in layer.component_axes()}
+    return ComponentAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0, axes=axes,
+                          **state_settings(optim))
 
 
 def prefill_optimizer_state(opt: torch.optim.Optimizer) -> None:
@@ -69,8 +70,13 @@ def prefill_optimizer_state(opt: torch.optim.Optimizer) -> None:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (paged buffers included; shared maps once)."""
-    return storage_bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    """Bytes of the optimizer's state on the training device (paged buffers and shared maps included).
+
+    ComponentAdamW keeps its per-component step counts on the CPU: they are not device memory.
+    """
+    tensors = [t for st in opt.state.values() for k, t in st.items() if torch.is_tensor(t) and k != "step"]
+    maps = [t for pair in getattr(opt, "_qmaps", {}).values() for t in pair]
+    return storage_bytes(tensors + maps)
 
 
 def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str = "fp32", seq_len: int = 128,
@@ -102,7 +108,7 @@ def measure_training_step(config: str, gradient_checkpointing: bool, dtype: str 
     frozen = [p for p in model.parameters() if id(p) not in q_ids and not p.requires_grad]
     measured = {"nf4_weights": quantized_bytes(model), "unquantized_params": storage_bytes(frozen),
                 "adapters": storage_bytes(params)}
-    opt = _optimizer(optim, params)
+    opt = _optimizer(optim, model)
     prefill_optimizer_state(opt)
     measured["optimizer_state"] = optimizer_state_bytes(opt)
     set_rank(model, rank)

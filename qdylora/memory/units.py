@@ -9,11 +9,7 @@ from ..errors import PlannerError
 from ..load.quantize import NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
-# bitsandbytes: state of tensors with fewer values is allocated normally (not paged) / kept 32-bit
-BNB_PAGED_MIN_NUMEL = 100_000
-BNB_MIN_8BIT_SIZE = 4096
-BNB_8BIT_BLOCKSIZE = 256
-# an 8-bit bitsandbytes optimizer's signed and unsigned dynamic quantization maps (256 fp32 each), shared by all tensors
+# an 8-bit optimizer's signed and unsigned dynamic quantization maps (256 fp32 each), shared by all tensors
 BNB_8BIT_QMAPS_BYTES = 2 * 256 * 4
 # per-linear quantization tables: NF4 code (16 fp32) + nested dynamic code (256 fp32) + offset (fp32)
 NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4

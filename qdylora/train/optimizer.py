@@ -33,6 +33,27 @@ def state_settings(optim: str) -> dict:
     return {"state_bits": 8 if optim.endswith("8bit") else 32, "paged": optim.startswith("paged_")}
 
 
+def component_state_nbytes(n_components: int, n: int, state_bits: int, paged: bool, device: str) -> tuple[int, int]:
+    """(bytes, bytes of them paged) of ComponentAdamW's state for a tensor of `n_components` x `n` values.
+
+    32-bit: two fp32 moments per value; 8-bit: two uint8 moments per value, each component padded to
+    whole 256-value blocks, plus one fp32 absmax per block and moment (never paged). Step counts live
+    on the CPU.
+    """
+    if state_bits == 32:
+        moments, absmax = 2 * 4 * n_components * n, 0
+    else:
+        width = math.ceil(n / STATE_BLOCK) * STATE_BLOCK
+        moments, absmax = 2 * n_components * width, 2 * 4 * n_components * (width // STATE_BLOCK)
+    is_paged = paged and device == "cuda" and n_components * n >= PAGED_MIN_NUMEL
+    return moments + absmax, moments if is_paged else 0
+
+
+# fp32 [k, n] temporaries a step holds at once for the k stepped components of one tensor: the
+# value, gradient and two moments gathered, and the update term
+STEP_TEMPORARIES = 5
+
+
 def _components(t: torch.Tensor, axis: int, idx: torch.Tensor | None) -> torch.Tensor:
     """[k, n]: the components `idx` of t along `axis` (all when idx is None), one per row."""
     sel = t if idx is None else t.index_select(axis, idx)
@@ -66,10 +87,16 @@ class ComponentAdamW(torch.optim.Optimizer):
         self.axes = axes or {}
         self.active = active or (lambda p: None)
         self.lr_scale = lr_scale or {}
-        if state_bits == 8:
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """bitsandbytes' signed (first moment) and unsigned (second moment) 8-bit maps, once per device."""
+        if device not in self._qmaps:
             import bitsandbytes.functional as F
 
-            self._qmap = (F.create_dynamic_map(signed=True), F.create_dynamic_map(signed=False))
+            self._qmaps[device] = (F.create_dynamic_map(signed=True).to(device),
+                                   F.create_dynamic_map(signed=False).to(device))
+        return self._qmaps[device]
 
     # ------------------------------------------------------------------ state
 
@@ -109,10 +136,10 @@ class ComponentAdamW(torch.optim.Optimizer):
         from bitsandbytes.functional import QuantState, dequantize_blockwise
 
         out = []
-        for q, a, code in (("state1", "absmax1", self._qmap[0]), ("state2", "absmax2", self._qmap[1])):
+        maps = self._qmap(state["state1"].device)
+        for q, a, code in (("state1", "absmax1", maps[0]), ("state2", "absmax2", maps[1])):
             qs, am = (state[q], state[a]) if idx is None else (state[q].index_select(0, idx), state[a].index_select(0, idx))
-            qstate = QuantState(absmax=am.reshape(-1), code=code.to(qs.device), blocksize=STATE_BLOCK,
-                                dtype=torch.float32)
+            qstate = QuantState(absmax=am.reshape(-1), code=code, blocksize=STATE_BLOCK, dtype=torch.float32)
             out.append(dequantize_blockwise(qs.reshape(-1), qstate).reshape(qs.shape)[:, :n])
         return out[0], out[1]
 
@@ -124,10 +151,10 @@ class ComponentAdamW(torch.optim.Optimizer):
         from bitsandbytes.functional import quantize_blockwise
 
         width = state["state1"].shape[1]
-        for val, q, a, code in ((m, "state1", "absmax1", self._qmap[0]), (v, "state2", "absmax2", self._qmap[1])):
+        maps = self._qmap(state["state1"].device)
+        for val, q, a, code in ((m, "state1", "absmax1", maps[0]), (v, "state2", "absmax2", maps[1])):
             padded = torch.nn.functional.pad(val, (0, width - val.shape[1]))
-            qv, qstate = quantize_blockwise(padded.reshape(-1).contiguous(), code=code.to(val.device),
-                                            blocksize=STATE_BLOCK)
+            qv, qstate = quantize_blockwise(padded.reshape(-1).contiguous(), code=code, blocksize=STATE_BLOCK)
             _put(state[q], 0, idx, qv.reshape(padded.shape))
             _put(state[a], 0, idx, qstate.absmax.reshape(padded.shape[0], -1))
 
