@@ -97,3 +97,23 @@ def test_state_dict_round_trip_keeps_dtypes():
     for p, q in ((A, A2), (B, B2)):
         for key, value in opt.state[p].items():
             assert opt2.state[q][key].dtype == value.dtype and torch.equal(opt2.state[q][key], value)
+
+
+def test_per_component_learning_rates():
+    """lr_scale[k] multiplies component k's learning rate: torch AdamW with one param group per component."""
+    scale = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 0.25])
+    torch.manual_seed(0)
+    A = torch.nn.Parameter(torch.randn(R, IN))
+    opt = ComponentAdamW([A], axes={A: 0}, lr_scale={A: scale}, **HYPER)
+    torch.manual_seed(0)
+    rows = [torch.nn.Parameter(A.detach()[i].clone()) for i in range(R)]
+    ref = torch.optim.AdamW([{"params": [rows[i]], "lr": HYPER["lr"] * float(scale[i])} for i in range(R)],
+                            foreach=False, **{k: v for k, v in HYPER.items() if k != "lr"})
+    for step in range(3):
+        gA, _ = _grads(step)
+        A.grad = gA.clone()
+        for i in range(R):
+            rows[i].grad = gA[i].clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(A.detach(), torch.stack([r.detach() for r in rows]), rtol=1e-6, atol=1e-7)

@@ -38,6 +38,8 @@ class TrainConfig:
     logging_steps: int = 1
     seed: int = 0
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
+    # learning rate of component k times (p_max / p_k) ** power, p_k the chance a step trains it (0: off)
+    component_lr_power: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +56,7 @@ class TrainConfig:
         check_float("learning_rate", self.learning_rate, 0.0, strict=True, flag=FLAGS["learning_rate"])
         check_float("weight_decay", self.weight_decay, 0.0, flag=FLAGS["weight_decay"])
         check_float("max_grad_norm", self.max_grad_norm, 0.0, flag=FLAGS["max_grad_norm"])
+        check_float("component_lr_power", self.component_lr_power, 0.0, flag="component_lr_power")
         if self.bf16 not in (None, True, False):
             raise ConfigError(f"bf16={self.bf16!r} must be True, False or None (automatic)")
 

@@ -64,6 +64,31 @@ class RankSchedule:
             self.trained[i] |= self._components(ranks)
         self.micro += 1
 
+    def train_probabilities(self, rows_per_step: int) -> torch.Tensor:
+        """[r_max]: the probability that a step trains component k, from the draw distribution."""
+        probs = self.sampler.probabilities()
+        per_draw = torch.zeros(self.config.r_max, dtype=torch.float64)
+        for r, p in probs.items():
+            if self.config.update == "frozen":
+                per_draw[r - 1] += p
+            elif self.config.update == "nested":
+                per_draw[:r] += p
+        if self.config.update == "matryoshka":
+            per_draw[:] = 1.0
+        draws = rows_per_step if self.config.rank_per in ("example", "example+module") else 1
+        if self.config.update == "nested":  # a step trains components < the largest of its draws
+            below = torch.tensor([sum(p for r, p in probs.items() if r <= k) for k in range(self.config.r_max)],
+                                 dtype=torch.float64)
+            return 1 - below ** draws
+        return 1 - (1 - per_draw) ** draws
+
+    def lr_scales(self, rows_per_step: int, power: float) -> dict[torch.Tensor, torch.Tensor]:
+        """Per-component learning-rate factors (max_p / p_k) ** power for every adapter tensor (0: none)."""
+        p = self.train_probabilities(rows_per_step)
+        scale = (p.max() / p.clamp(min=1e-12)) ** power
+        scale[p == 0] = 0.0
+        return {param: scale for param in self.axes}
+
     def active(self, param: torch.Tensor) -> torch.Tensor:
         """Indices of the components of `param`'s adapter trained in the current step."""
         return torch.tensor(sorted(self.trained[self._layer_of[param]]), dtype=torch.long)

@@ -148,9 +148,11 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     args = _training_args(cfg, output_dir)
     optimizer = None
     if schedule is not None:
+        lr_scale = schedule.lr_scales(cfg.batch_size * cfg.grad_accum, cfg.component_lr_power) \
+            if cfg.component_lr_power else None
         optimizer = (ComponentAdamW, dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                           eps=args.adam_epsilon, axes=schedule.axes, active=schedule.active,
-                                          **state_settings(resolve_optim(cfg.optim))))
+                                          lr_scale=lr_scale, **state_settings(resolve_optim(cfg.optim))))
     trainer = QDyLoRATrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                              callbacks=[stop_cb], rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer)
     trainer.remove_callback(ProgressCallback)
