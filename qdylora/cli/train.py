@@ -112,10 +112,13 @@ def given_settings(args) -> dict:
 
 
 def _run_train(args) -> int:
+    from ..train.processes import is_main
     from ..train.run import run_training
 
     ranks = parse_rank_list(args.sweep_ranks, "--sweep-ranks")
     result = run_training(args.output, given_settings(args), resume=args.resume, overwrite=args.overwrite)
+    if not is_main():  # under torchrun / accelerate launch the main process reports
+        return 0
     if result.get("finished"):
         print(result["message"])
         return 0

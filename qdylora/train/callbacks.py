@@ -20,8 +20,10 @@ class LogCallback(TrainerCallback):
         self.t0 = self.tok0 = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
-        self.t0, self.tok0 = time.perf_counter(), self.trainer_ref.tokens_seen
+        self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -29,16 +31,16 @@ class LogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        if "loss" not in logs:
+        if "loss" not in logs or not state.is_world_process_zero:
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        tps = (self.trainer_ref.tokens_seen - self.tok0) / dt
+        tps = (state.num_input_tokens_seen - self.tok0) / dt
         schedule = self.trainer_ref.rank_schedule
         ranks = schedule.step_ranks() if schedule is not None else []
         rec = {"step": state.global_step, "loss": logs["loss"], "rank": max(ranks) if ranks else None,
                **({"ranks": ranks} if schedule is not None and schedule.config.rank_per != "step" else {}),
                "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-               "tokens_per_s": round(tps, 2), "tokens_seen": self.trainer_ref.tokens_seen,
+               "tokens_per_s": round(tps, 2), "tokens_seen": state.num_input_tokens_seen,
                "elapsed_s": round(dt, 3)}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -60,3 +62,13 @@ class InterruptCallback(TrainerCallback):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
+
+
+class SyncCallback(TrainerCallback):
+    """Before each optimizer step, every process learns which components any process trained."""
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.schedule.synchronize()

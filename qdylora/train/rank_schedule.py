@@ -89,6 +89,21 @@ class RankSchedule:
         scale[p == 0] = 0.0
         return {param: scale for param in self.axes}
 
+    def synchronize(self) -> None:
+        """Make the trained components the union over every process (rows differ per process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        mask = torch.zeros(len(self.layers), self.config.r_max, dtype=torch.int32)
+        for i, comps in enumerate(self.trained):
+            mask[i, sorted(comps)] = 1
+        from .processes import collective_device
+
+        mask = mask.to(collective_device())
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+        self.trained = [set(torch.nonzero(row).flatten().tolist()) for row in mask.cpu()]
+
     def active(self, param: torch.Tensor) -> torch.Tensor:
         """Indices of the components of `param`'s adapter trained in the current step."""
         return torch.tensor(sorted(self.trained[self._layer_of[param]]), dtype=torch.long)

@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..adapters.config import QDyLoRAConfig
 from ..atomic import remove_stale
 from ..errors import TrainingError
 from .config import TrainConfig
+from .processes import barrier, check_same_settings, is_main, training_device
 from .run_folder import (ADAPTER_SUBDIR, check_writable, checkpoints, holds_run, latest_checkpoint, read_log,
                          read_run_config, remove_run, truncate_log, write_run_config)
 
@@ -78,7 +81,8 @@ def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], P
         raise TrainingError(f"--resume: {out} holds no checkpoint-N folder to resume from (no training run there); "
                             "run without --resume to start one")
     settings = _resume_settings(out, given)
-    remove_stale(out)
+    if is_main():
+        remove_stale(out)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         logged = read_log(out)
@@ -94,11 +98,13 @@ def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], P
                                 f"adapter in {out / ADAPTER_SUBDIR}. Pass a larger --max-steps to train on.")
     if step >= max_steps:
         if step == max_steps:  # killed between the last checkpoint and the final adapter
-            finish_from_checkpoint(out, ckpt, step)
+            if is_main():
+                finish_from_checkpoint(out, ckpt, step)
+            barrier()
             return settings, None, f"{out}: finished from {ckpt.name}; adapter in {out / ADAPTER_SUBDIR}"
         raise TrainingError(f"--max-steps {max_steps} is not beyond this run's last checkpoint (step {step}); "
                             "pass a larger --max-steps to continue")
-    if max_steps != was:
+    if max_steps != was and is_main():
         print(f"continuing {out} from step {step} to --max-steps {max_steps} (was {was})", file=sys.stderr)
     return settings, ckpt, None
 
@@ -136,6 +142,8 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     out = Path(output_dir)
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other; pass one")
+    check_same_settings({"output": str(out.resolve()), "resume": resume, **given})
+    device = training_device()
     check_writable(out)
     if resume:
         settings, ckpt, finished = _prepare_resume(out, given)
@@ -150,16 +158,21 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     qcfg, tcfg = _configs({"qdylora": settings.get("qdylora", {}), "train": settings.get("train", {})})
     # every input is read and checked before anything in the folder changes
     records = load_records(data) if data else default_splits()[0]
-    base, tokenizer = load_model_and_tokenizer(model_name)
+    base, tokenizer = load_model_and_tokenizer(model_name, device=device)
     dataset = build_dataset(records, tokenizer, tcfg.max_seq_len)
+    torch.manual_seed(qcfg.seed)  # the adapters' initial A: the same for the same --seed, in every process
     peft_model = attach_adapters(base, qcfg)
-    if overwrite:
-        remove_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    if ckpt is not None:
-        truncate_log(out, int(ckpt.name.split("-")[-1]))
-    write_run_config(out, {"model": model_name, "data": data, "qdylora": qcfg.to_dict(), "train": tcfg.to_dict()})
+    barrier()  # every process has checked its inputs before the main one changes the folder
+    if is_main():
+        if overwrite:
+            remove_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        if ckpt is not None:
+            truncate_log(out, int(ckpt.name.split("-")[-1]))
+        write_run_config(out, {"model": model_name, "data": data, "qdylora": qcfg.to_dict(),
+                               "train": tcfg.to_dict()})
+    barrier()
     summary = train_model(peft_model, tokenizer, dataset, tcfg, out, str(ckpt) if ckpt else None)
     summary.update(model=peft_model, tokenizer=tokenizer, qdylora_config=qcfg, finished=False)
     return summary

@@ -153,15 +153,6 @@ def truncate_log(out: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def tokens_at(output_dir: str | os.PathLike, step: int) -> int:
-    """Tokens seen up to `step`, from the log (so tokens/s stays right across a resume)."""
-    tokens = 0
-    for rec in read_log(output_dir):
-        if rec["step"] <= step:
-            tokens = rec.get("tokens_seen", tokens)
-    return tokens
-
-
 def find_adapter(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """(adapter folder, the run folder it belongs to or None) for a run folder, RUN/adapter, a checkpoint or an adapter."""
     from ..adapters.files import CONFIG_NAME

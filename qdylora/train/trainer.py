@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from ..adapters.config import QDyLoRAConfig
 from ..adapters.files import load_adapter_weights, read_adapter, save_adapter
 from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
 from ..errors import AdapterError, TrainingError
-from .callbacks import InterruptCallback, LogCallback
+from .callbacks import InterruptCallback, LogCallback, SyncCallback
 from .config import TrainConfig
 from .optimizer import ComponentAdamW, resolve_optim, state_settings
 from .rank_schedule import RankSchedule
-from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints, tokens_at
+from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints
 
 
 class NonFiniteLoss(TrainingError):
@@ -38,7 +37,6 @@ class QDyLoRATrainer(Trainer):
     def __init__(self, *args, rank_schedule: RankSchedule | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rank_schedule = rank_schedule
-        self.tokens_seen = 0
         self._staging: str | None = None
         self.last_checkpoint: str | None = None
 
@@ -50,7 +48,6 @@ class QDyLoRATrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.rank_schedule is not None:
             self.rank_schedule.before_micro_step(self.state.global_step, int(inputs["input_ids"].shape[0]))
-        self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             kept = self.last_checkpoint or "none (no checkpoint was written yet)"
@@ -90,16 +87,24 @@ class QDyLoRATrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         # Build the checkpoint in a hidden staging folder and rename it into place: a crash or a full
         # disk while saving leaves the previous checkpoints as they were and no half-written one.
+        # Every process writes its RNG state there, so the folder's name is the same in all of them.
         root = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
+        main = self.is_world_process_zero()
+        self._staging = str(root / f".staging-{name}")
+        dest = root / name
         try:
-            self._staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
-            usual_mode(Path(self._staging), is_dir=True)
+            if main:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                os.makedirs(self._staging)
+                usual_mode(Path(self._staging), is_dir=True)
+            self.accelerator.wait_for_everyone()
             super()._save_checkpoint(model, trial)
-            dest = root / name
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(Path(self._staging) / name, dest)
+            self.accelerator.wait_for_everyone()
+            if main:
+                if dest.exists():
+                    shutil.rmtree(dest)
+                os.replace(Path(self._staging) / name, dest)
         except BaseException as e:
             if isinstance(e, AdapterError) or is_write_failure(e):
                 kept = self.last_checkpoint or "none (no checkpoint was written yet)"
@@ -108,10 +113,13 @@ class QDyLoRATrainer(Trainer):
                                     "(free space, a writable folder), then continue with --resume") from None
             raise
         finally:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            if main:
+                shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
         self.last_checkpoint = str(dest)
-        rotate_checkpoints(root, self.args.save_total_limit, protect=dest)
+        if main:
+            rotate_checkpoints(root, self.args.save_total_limit, protect=dest)
+        self.accelerator.wait_for_everyone()
 
 
 def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
@@ -128,6 +136,10 @@ def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
         logging_steps=cfg.logging_steps,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, label_names=["labels"],
         remove_unused_columns=False, logging_nan_inf_filter=False, use_cpu=not cuda,
+        # counted in every process and summed: the log's tokens/s is the whole run's
+        include_num_input_tokens_seen="non_padding",
+        # every adapter tensor gets a gradient in every step (zeros past the rank), none is unused
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
 
@@ -140,7 +152,7 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     layers = dylora_layers(model)
     qcfg: QDyLoRAConfig | None = layers[0].qdylora_config if layers else None
-    schedule = RankSchedule(model, qcfg) if qcfg else None
+    schedule = RankSchedule(model, qcfg, process_index=int(os.environ.get("RANK", "0"))) if qcfg else None
     stop_cb = InterruptCallback()
     # without a tokenizer the examples must already have equal lengths (benchmarks, GPU tests)
     collator = (DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
@@ -154,13 +166,13 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
                                           eps=args.adam_epsilon, axes=schedule.axes, active=schedule.active,
                                           lr_scale=lr_scale, **state_settings(resolve_optim(cfg.optim))))
     trainer = QDyLoRATrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                             callbacks=[stop_cb], rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer)
+                             callbacks=[stop_cb] + ([SyncCallback(schedule)] if schedule else []),
+                             rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback(Path(output_dir) / LOG_NAME, trainer))
     if resume_from:
         trainer.last_checkpoint = str(resume_from)
-        trainer.tokens_seen = tokens_at(output_dir, int(Path(resume_from).name.split("-")[-1]))
 
     def on_signal(signum, frame):
         if stop_cb.requested:
@@ -178,12 +190,14 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
         for sig, handler in old.items():
             signal.signal(sig, handler)
     summary = {"global_step": trainer.state.global_step, "interrupted": stop_cb.requested,
-               "train_seconds": round(time.perf_counter() - t0, 2), "tokens_seen": trainer.tokens_seen,
+               "train_seconds": round(time.perf_counter() - t0, 2), "tokens_seen": trainer.state.num_input_tokens_seen,
                "last_checkpoint": trainer.last_checkpoint}
     if not stop_cb.requested:
         adapter = Path(output_dir) / ADAPTER_SUBDIR
         try:
-            if qcfg is not None:
+            if not trainer.is_world_process_zero():
+                pass
+            elif qcfg is not None:
                 set_rank(model, qcfg.r_max)
                 save_adapter(model, adapter, extra={"global_step": trainer.state.global_step})
             else:
@@ -191,6 +205,8 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
         except (AdapterError, WriteError) as e:
             raise TrainingError(f"{e} (last good checkpoint: {trainer.last_checkpoint}; --resume writes the adapter "
                                 "from it)") from None
+        finally:
+            trainer.accelerator.wait_for_everyone()
         summary["adapter"] = str(adapter)
     return summary
 

@@ -1,0 +1,31 @@
+"""Run by tests/test_distributed.py under torchrun (or alone): train from JSON settings and record, per
+process, the ranks every DyLoRA forward ran at (not a test module)."""
+
+import json
+import os
+import sys
+
+import torch
+
+from qdylora.adapters.layer import DyLoRALinear
+from qdylora.train.run import run_training
+
+out, settings = sys.argv[1], json.loads(sys.argv[2])
+resume = settings.pop("resume", False)
+if settings.pop("seed_per_process", False):
+    settings["qdylora"]["seed"] = int(os.environ.get("RANK", "0"))
+seen = []
+orig = DyLoRALinear.forward
+
+
+def forward(layer, x, *a, **k):
+    if layer.training:
+        r = layer.rank
+        seen.append(r.tolist() if torch.is_tensor(r) else [r] * x.shape[0])
+    return orig(layer, x, *a, **k)
+
+
+DyLoRALinear.forward = forward
+run_training(out, settings, resume=resume)
+with open(os.path.join(os.path.dirname(os.path.abspath(out)), f"ranks_{os.environ.get('RANK', '0')}.json"), "w") as f:
+    json.dump(seen, f)
