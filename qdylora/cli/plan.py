@@ -11,7 +11,7 @@ from ..memory import OPTIMIZERS, choose_memory_settings, parse_memory_size, plan
 
 
 # integer flags and their defaults (None: not given)
-INT_FLAGS = {"--r-max": "64", "--seq-len": "512", "--batch-size": "1", "--layers": None}
+INT_FLAGS = {"--r-max": "64", "--seq-len": "512", "--batch-size": "1", "--layers": None, "--num-gpus": "1"}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -51,6 +51,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="plan for a GPU (adds CUDA context and allocator slack) or the CPU (default %(default)s)")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated adapter targets (default: every attention and MLP linear)")
+    p.add_argument("--num-gpus", default=INT_FLAGS["--num-gpus"], metavar="N",
+                   help="GPUs of one run; the plan is one GPU's (default %(default)s)")
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
+                   help="with --num-gpus > 1: ddp (each GPU holds the model) or fsdp (fully sharded) (default %(default)s)")
     p.add_argument("--layers", default=None, metavar="N", help="override the number of layers (same width)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(func=run)
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         budget = None if args.gpu_memory is None else parse_memory_size(args.gpu_memory)
         plan = plan_memory(
             args.model, gpu_memory=budget, optim=args.optim, gradient_checkpointing=not args.no_gradient_checkpointing,
-            dtype=args.dtype, update=args.update, kernel=args.kernel, device=args.device,
+            dtype=args.dtype, update=args.update, kernel=args.kernel, device=args.device, strategy=args.strategy,
             target_modules=args.target_modules.split(",") if args.target_modules else None, **numbers,
         )
         chosen = choose_memory_settings(plan, plan.budget) if plan.budget is not None else None

@@ -75,8 +75,8 @@ def choose_memory_settings(plan: MemoryPlan, gpu_memory: str | int) -> dict[str,
     arch = plan.arch
     if arch is None:
         raise PlannerError("this plan has no architecture attached; build it with plan_memory")
-    base = {k: plan.settings[k] for k in ("r_max", "seq_len", "batch_size", "dtype", "update", "kernel",
-                                         "device", "autocast")}
+    base = {k: plan.settings[k] for k in ("r_max", "seq_len", "batch_size", "dtype", "update", "kernel", "num_gpus",
+                                         "strategy", "device", "autocast")}
     asked = plan.settings["optim"]
     paged = {"adamw_torch": "paged_adamw_32bit", "adamw_8bit": "paged_adamw_8bit"}.get(asked, asked)
 

@@ -37,6 +37,7 @@ from ..train.config import OPTIMIZERS as TRAIN_OPTIMIZERS
 from .adapter_bytes import AdapterBytes, adapter_bytes
 from .advice import advice, largest
 from .architecture import ArchSpec, LinearSpec, load_arch
+from .parallel import STRATEGIES, per_gpu
 from .plan import MemoryItem, MemoryPlan
 from .units import (ALLOCATOR_SLACK, BNB_8BIT_QMAPS_BYTES, CUDA_CONTEXT_BYTES, NF4_TABLE_BYTES,
                     dtype_bytes, format_bytes, nf4_bytes, parse_memory_size)
@@ -232,9 +233,16 @@ def plan_memory(
     autocast: bool | None = None,
     target_modules: list[str] | None = None,
     layers: int | None = None,
+    num_gpus: int = 1,
+    strategy: str = "ddp",
 ) -> MemoryPlan:
-    """Itemised GPU memory of a QDyLoRA training step; `gpu_memory` (e.g. '32GiB') adds a verdict."""
-    sizes = {"r_max": r_max, "seq_len": seq_len, "batch_size": batch_size}
+    """Itemised memory of one GPU in a QDyLoRA training step; `gpu_memory` (e.g. '32GiB') adds a verdict.
+
+    With num_gpus > 1, `strategy` 'ddp' (every GPU holds everything) or 'fsdp' (full sharding).
+    """
+    if strategy not in STRATEGIES:
+        raise PlannerError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}")
+    sizes = {"r_max": r_max, "seq_len": seq_len, "batch_size": batch_size, "num_gpus": num_gpus}
     if layers is not None:
         sizes["layers"] = layers
     for name, v in sizes.items():
@@ -258,13 +266,15 @@ def plan_memory(
     arch = model if isinstance(model, ArchSpec) else load_arch(model, target_modules, layers)
     settings = {"r_max": r_max, "seq_len": seq_len, "batch_size": batch_size, "optim": optim,
                 "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "update": update,
-                "kernel": kernel, "device": device, "autocast": autocast}
+                "kernel": kernel, "device": device, "autocast": autocast, "num_gpus": num_gpus,
+                "strategy": strategy}
 
     def peak_of(**over) -> tuple[list[MemoryItem], dict, list[str], int, int]:
         s = dict(settings, **over)
         its, ph, nt = _compute(arch, s["r_max"], s["seq_len"], s["batch_size"], s["optim"],
                                s["gradient_checkpointing"], s["dtype"], s["update"], s["kernel"], s["device"],
                                s["autocast"])
+        its, ph = per_gpu(its, ph, arch, s["r_max"], c, s["gradient_checkpointing"], strategy, num_gpus)
         peak = max(ph.values())
         return its, ph, nt, peak, _total(peak, device)
 

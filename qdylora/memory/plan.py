@@ -66,7 +66,8 @@ class MemoryPlan:
         lines = [
             f"qdylora memory plan: {self.model} | r_max={s['r_max']} seq_len={s['seq_len']} "
             f"batch={s['batch_size']} optim={s['optim']} gradient_checkpointing={s['gradient_checkpointing']} "
-            f"dtype={s['dtype']} kernel={s['kernel']} device={s['device']}",
+            f"dtype={s['dtype']} kernel={s['kernel']} device={s['device']}"
+            + (f" | per GPU of {s['num_gpus']} ({s['strategy']})" if s.get("num_gpus", 1) > 1 else ""),
             "",
             f"{'item':<22}{'size':>13}  {'where':<8} detail",
             "-" * 100,
