@@ -5,6 +5,11 @@ memory (planning); export lives with the adapters. `qdylora.cli` is the command 
 """
 
 import importlib
+import logging
+
+# bitsandbytes announces at import that an optional CPU fast path (the hub package `kernels`) is missing;
+# qdylora never uses that path (it keeps bitsandbytes' standard NF4 layout on the CPU), so the line is noise
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .adapters.attach import attach_adapters, dylora_layers, set_backend, set_rank
 from .adapters.config import QDyLoRAConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -49,7 +50,10 @@ def lora_config(config: QDyLoRAConfig, targets: list[str]) -> LoraConfig:
 def attach_adapters(model: nn.Module, config: QDyLoRAConfig) -> PeftModel:
     """Wrap every target NF4 linear in a DyLoRALinear; returns a peft PeftModel (Trainer-ready)."""
     config.validate()
-    peft_model = get_peft_model(model, lora_config(config, resolve_targets(model, config.target_modules)))
+    with warnings.catch_warnings():
+        # peft reads the model's is_gradient_checkpointing, which transformers 5 renamed (a FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config(config, resolve_targets(model, config.target_modules)))
     peft_model.qdylora_config = config
     return peft_model
 

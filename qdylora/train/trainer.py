@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -122,6 +123,13 @@ class QDyLoRATrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def _checkpointing_args(on: bool) -> dict:
+    """Activation checkpointing under the name this transformers uses (5.x renamed gradient_checkpointing)."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported() if cfg.bf16 is None else cfg.bf16
@@ -130,8 +138,7 @@ def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine", weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, optim=resolve_optim(cfg.optim), bf16=bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_args(cfg.gradient_checkpointing),
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, label_names=["labels"],
