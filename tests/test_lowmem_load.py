@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qdylora.errors import ModelLoadError
 from qdylora.load.quantize import quantizable_linear_names as quantizable_linears
 from qdylora.load.sharded import (load_quantized_sharded, quantize_linear_chunked,
                                  quantize_random_init)
@@ -88,11 +89,11 @@ def test_single_file_and_errors(tmp_path):
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         assert torch.equal(got(ids).logits, ref(ids).logits)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelLoadError, match="config.json"):
         load_quantized_sharded(tmp_path, "cpu")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
         load_quantized_sharded(tmp_path / "empty", "cpu")
 
 
