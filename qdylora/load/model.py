@@ -37,8 +37,10 @@ def load_tokenizer(model: str | ModelSource | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(src.pretrained_path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"no tokenizer could be loaded from {src.source} ({first_line(e)}); save the "
-                             "model's tokenizer into the folder (tokenizer.save_pretrained(folder))") from None
+        found = [p.name for p in src.folder.glob("*") if p.name.startswith("tokenizer") or p.suffix == ".model"]
+        why = first_line(e) if found or src.gguf_file else "no tokenizer.json, tokenizer_config.json or tokenizer.model"
+        raise ModelLoadError(f"no tokenizer could be loaded from {src.source} ({why}); save the model's tokenizer "
+                             "into its folder (tokenizer.save_pretrained(folder))") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -47,9 +49,10 @@ def load_tokenizer(model: str | ModelSource | None = None):
 def load_model_and_tokenizer(model: str | None = None, device: torch.device | str | None = None):
     """(NF4-quantized causal LM, tokenizer) for a hub id, local folder or .gguf file (default: SmolLM2-135M)."""
     src = _source(model)
+    tokenizer = load_tokenizer(src)  # first: it is quick, and a model without one should fail before loading
     m = load_quantized_model(src, device=device)
     m.qdylora_source = src.source
-    return m, load_tokenizer(src)
+    return m, tokenizer
 
 
 def load_quantized_model(model: str | os.PathLike | ModelSource | nn.Module, gguf_file: str | None = None,

@@ -24,6 +24,7 @@ models, such as Falcon-40B, whose weights are not at hand).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,8 @@ from .checkpoint import open_shard, shard_plan, some_names
 from .heap import release_freed_memory, trim_heap
 from .quantize import (DEFAULT_SKIP_MODULES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE, default_compute_dtype, linear_features,
                        linear_weight, quantizable_linear_names, quantize_linear, replace_module)
+
+logger = logging.getLogger(__name__)
 
 
 class NotLayerByLayer(Exception):
@@ -148,9 +151,15 @@ def _tie_or_check(model: nn.Module) -> None:
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if head is not None and embed is not None and getattr(head, "weight", None) is not None:
-        if tied:
+        stored = head.weight.device.type != "meta"
+        # transformers ties a head the checkpoint leaves out or stores equal to the embedding, and keeps
+        # one that differs (with a warning)
+        if tied and (not stored or torch.equal(head.weight, embed.weight)):
             head.weight = embed.weight
-        elif head.weight.device.type == "meta":
+        elif tied and stored:
+            logger.warning("the config ties the LM head to the embeddings but the checkpoint stores a different "
+                           "head; keeping both, as transformers does")
+        elif not stored:
             raise ModelLoadError("the checkpoint has no LM head weight and the config does not tie it to the "
                                  "embeddings; the checkpoint is incomplete (re-save the model with save_pretrained)")
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -163,19 +172,20 @@ def _not_in_checkpoint(names: list[str]) -> ModelLoadError:
                           "config.json (re-save the model with save_pretrained)")
 
 
-def _blocker(model: nn.Module) -> str | None:
+def _blocker(model: nn.Module, dtype: torch.dtype | None) -> str | None:
     """Why transformers' from_pretrained must load this model (None: the layer-by-layer loader can)."""
     config = model.config
     if getattr(config, "quantization_config", None):
         return "the checkpoint is already quantized (its config has a quantization_config)"
-    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
-        return f"{type(model).__name__} keeps some modules in fp32"
+    keeps_fp32 = getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
+    if keeps_fp32 and dtype in (torch.float16, torch.bfloat16):
+        return f"{type(model).__name__} keeps some modules in fp32 when loaded in {dtype}"
     try:
-        from transformers.conversion_mapping import extract_weight_conversions_for_model
+        from transformers.conversion_mapping import get_model_conversion_mapping
     except ImportError:  # an older transformers: it converts no weights
         return None
-    if extract_weight_conversions_for_model(model):
-        return f"transformers converts {config.model_type} weights while loading"
+    if get_model_conversion_mapping(model, add_legacy=False):
+        return f"transformers converts {config.model_type} weights while loading (renamed or fused)"
     return None
 
 
@@ -190,8 +200,7 @@ def _key_names(plan: dict[str, list[str]], model: nn.Module, params: dict) -> di
                 unknown.append(key)
             else:
                 names[key] = name
-    tied_head = _head_names(model)
-    names = {k: n for k, n in names.items() if n not in tied_head}  # tied: the embedding is the head
+    tied_head = _head_names(model)  # may be absent: the embedding is the head then
     missing = sorted(n for n in dict(model.named_parameters(remove_duplicate=False))
                      if n not in set(names.values()) | tied_head)
     if missing and unknown:
@@ -228,7 +237,7 @@ def load_quantized_sharded(
     config = AutoConfig.from_pretrained(str(folder))
     plan = shard_plan(folder)
     model = build_meta_model(config, dtype)
-    why = _blocker(model)
+    why = _blocker(model, dtype)
     if why:
         raise NotLayerByLayer(why)
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
@@ -240,7 +249,7 @@ def load_quantized_sharded(
         with open_shard(folder / fname, read_on) as f:
             for key in keys:
                 name = names.get(key)
-                if name is None:  # stray keys (old rotary caches, a tied head) are ignored, as transformers does
+                if name is None:  # stray keys (old rotary caches ...) are ignored, as transformers does
                     continue
                 mod_name, _, attr = name.rpartition(".")
                 if mod_name in targets and attr in ("weight", "bias"):

@@ -54,6 +54,18 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+def _why_not(e: BaseException) -> str:
+    """Why a hub download failed, in a few words."""
+    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError):
+        if is_offline_mode():
+            return "offline (HF_HUB_OFFLINE is set) and not in the local cache"
+        return "the hub cannot be reached and it is not in the local cache"
+    return first_line(e)
+
+
 def _check_folder(folder: Path, shown: str) -> bool:
     """Raise ModelLoadError unless `folder` holds a loadable model; True when its weights are safetensors."""
     if not (folder / "config.json").is_file():
@@ -111,7 +123,7 @@ def _resolve_hub(repo_id: str) -> ModelSource:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_SMALL_FILES))
     except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise ModelLoadError(f"{repo_id} is not a local folder, and the Hugging Face hub model {repo_id} could not "
-                             f"be downloaded ({first_line(e)}); {how}") from None
+                             f"be downloaded ({_why_not(e)}); {how}") from None
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"the hub model {repo_id} has no config.json in {folder}; {how}")
     index = folder / INDEX_NAME
@@ -121,7 +133,7 @@ def _resolve_hub(repo_id: str) -> ModelSource:
     except LocalEntryNotFoundError as e:
         if index.is_file():
             raise ModelLoadError(f"the weights of hub model {repo_id} are not all in the local cache and could not "
-                                 f"be downloaded ({first_line(e)}); {how}") from None
+                                 f"be downloaded ({_why_not(e)}); {how}") from None
         # no single-file safetensors cached: a .bin-only model may be, which from_pretrained reads
         return ModelSource(folder=folder, name=repo_id, source=repo_id, hub_id=repo_id)
     except EntryNotFoundError:  # the hub has no safetensors checkpoint: from_pretrained fetches the .bin files
