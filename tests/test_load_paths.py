@@ -64,7 +64,7 @@ def assert_same_model(got, ref, vocab=320):
     assert got.config.to_dict() == ref.config.to_dict()  # includes dtype and _name_or_path
     assert got.generation_config.to_dict() == ref.generation_config.to_dict()
     assert got.training == ref.training and got.is_loaded_in_4bit and ref.is_loaded_in_4bit
-    ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(1)).to(head_g.device)
     with torch.no_grad():
         assert torch.equal(got(ids).logits, ref(ids).logits)
 
@@ -175,3 +175,20 @@ def test_checkpoint_transformers_converts_falls_back_to_from_pretrained(tmp_path
         got = load_quantized_model(tmp_path, device="cpu")
     assert "loading it whole through transformers" in caplog.text
     assert_same_model(got, _old_path(tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tied", [True, False])
+def test_layer_by_layer_on_cuda_equals_from_pretrained(tmp_path, monkeypatch, tied):
+    from transformers import AutoModelForCausalLM
+
+    _llama(tied).save_pretrained(tmp_path, max_shard_size="100KB")
+    with monkeypatch.context() as mp:
+        _no_from_pretrained(mp)
+        got = load_quantized_model(tmp_path, device="cuda")  # bf16, read straight onto the GPU
+    ref = quantize_model(AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16), "cuda",
+                         torch.bfloat16)
+    assert all(p.device.type == "cuda" for p in got.parameters())
+    assert got.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert_same_model(got, ref)

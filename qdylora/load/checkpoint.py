@@ -1,12 +1,22 @@
-"""The safetensors files of a saved model: which shard holds which tensor, each shard's header checked."""
+"""The safetensors files of a saved model: which shard holds which tensor, each shard's header checked,
+and reading a shard one tensor at a time into memory of its own.
+
+safetensors' safe_open maps the whole file: every page a tensor is read from stays mapped, and
+counted in the process's RSS, until the file is closed, so RSS grows by a whole shard (by the whole
+model for a single-file checkpoint). `read_tensors` reads each tensor with plain file reads
+instead, from the offsets of the header safe_open has checked: RSS grows by one tensor.
+"""
 
 from __future__ import annotations
 
 import json
+import struct
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+import torch
 
 from ..errors import ModelLoadError
 
@@ -73,3 +83,35 @@ def shard_plan(folder: Path) -> dict[str, list[str]]:
             return {SINGLE_NAME: list(f.keys())}
     raise ModelLoadError(f"{folder} has neither {INDEX_NAME} nor {SINGLE_NAME}; save the model with "
                          "save_pretrained(..., safe_serialization=True)")
+
+
+# safetensors dtype names -> torch dtypes (the format is little-endian, as are the machines torch runs on)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_tensors(path: Path, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, CPU tensor) for each of `keys` in shard `path`, in file order, each in a buffer of its own.
+
+    Call after shard_plan has checked the shard. Tensors of a dtype not listed in DTYPES are read
+    through safe_open.
+    """
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        start = 8 + size
+        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):
+            info = header[key]
+            dtype = DTYPES.get(info["dtype"])
+            if dtype is None:
+                with open_shard(path) as g:
+                    yield key, g.get_tensor(key)
+                continue
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=dtype)
+            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
+            f.seek(start + begin)
+            if f.readinto(buf) != end - begin or len(buf) != end - begin:
+                raise ModelLoadError(f"{path} ends inside tensor {key}; the file is truncated; {RESAVE}")
+            yield key, t

@@ -1,21 +1,23 @@
 """Quantize to NF4 while loading, one tensor at a time, so memory stays near the 4-bit size.
 
 ``load_quantized_sharded(folder)`` builds the model on the meta device from ``config.json``,
-then walks the safetensors shards (``model.safetensors.index.json`` + shards, or a single
-``model.safetensors``) with ``safetensors.safe_open``, reading one tensor at a time. A linear's
-weight is quantized with :func:`qdylora.load.quantize.quantize_linear` as soon as it (and its bias)
-has been read, and the full-precision copy is dropped at once; every other tensor (embeddings,
-norms, the LM head) is placed on the target device in its stored dtype.
+checks every shard's header (``model.safetensors.index.json`` + shards, or a single
+``model.safetensors``), then reads one tensor at a time (:func:`qdylora.load.checkpoint.read_tensors`).
+A linear's weight is quantized as soon as it (and its bias) has been read, bit-identical to
+:func:`qdylora.load.quantize.quantize_linear`, and the full-precision copy is dropped at once;
+every other tensor (embeddings, norms, the LM head) is placed on the target device. With
+``dtype`` (what training passes: fp32 on the CPU, bf16 on CUDA) every floating tensor is converted
+as ``from_pretrained(dtype=...)`` would, the linears before they are quantized, so the model is the
+one from_pretrained + quantize_model gives.
 
 Memory needed (P = parameters of the quantized linears, U = the other parameters, s = bytes per
-stored value, 2 for bf16):
+value of ``dtype``):
 
 - target device: the final model, about ``0.52 * P + s * U`` bytes, plus one linear's weight in
-  full precision while it is quantized (``s * out * in``, and an fp32 copy of it on the CPU path).
-- CPU RAM when loading to a GPU: one tensor at a time (``s * out * in`` for the largest linear) plus
-  the pages of the shard being read, which the OS can drop (they are a read-only file mapping).
-- CPU RAM when loading to the CPU: the final model (as above) plus one linear and one shard's
-  pages; never the bf16 size of the whole model. The tests check peak RSS < half the bf16 size.
+  full precision while it is quantized.
+- CPU RAM when loading to a GPU: one tensor at a time (the largest: the embedding, or a linear).
+- CPU RAM when loading to the CPU: the final model plus one tensor and the quantizer's scratch
+  (~20 B per value of a 1M-value chunk); never the bf16 size of the whole model.
 
 ``quantize_random_init(config, device)`` does the same without a checkpoint: each linear gets
 a random bf16 weight drawn directly on the device, is quantized and freed (for benchmarks of
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .checkpoint import open_shard, shard_plan, some_names
+from .checkpoint import read_tensors, shard_plan, some_names
 from .heap import release_freed_memory, trim_heap
 from .quantize import (DEFAULT_SKIP_MODULES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE, default_compute_dtype, linear_features,
                        linear_weight, quantizable_linear_names, quantize_linear, replace_module)
@@ -69,7 +71,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 # values per chunk when quantizing on the CPU: bitsandbytes quantizes on the CPU in plain PyTorch, ~20 B of scratch per value; larger chunks are no faster
-CPU_CHUNK_VALUES = 1 << 20
+CPU_CHUNK_VALUES = 1 << 22
 
 
 def quantize_linear_chunked(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
@@ -244,29 +246,23 @@ def load_quantized_sharded(
     names = _key_names(plan, model, params)
     targets = set(quantizable_linear_names(model, skip_modules))
     pending: dict[str, dict[str, torch.Tensor]] = {}  # linear -> the parts read so far
-    read_on = str(device) if device.type == "cuda" else "cpu"
     for fname, keys in plan.items():
-        with open_shard(folder / fname, read_on) as f:
-            for key in keys:
-                name = names.get(key)
-                if name is None:  # stray keys (old rotary caches ...) are ignored, as transformers does
-                    continue
-                mod_name, _, attr = name.rpartition(".")
-                if mod_name in targets and attr in ("weight", "bias"):
-                    parts = pending.setdefault(mod_name, {})
-                    parts[attr] = f.get_tensor(key)
-                    lin = model.get_submodule(mod_name)
-                    if "weight" in parts and (lin.bias is None or "bias" in parts):
-                        _quantize_from(model, mod_name, parts["weight"], parts.get("bias"), device, compute_dtype,
-                                       dtype=dtype)
-                        del pending[mod_name]  # drop the full-precision copy now
-                    continue
-                t = f.get_tensor(key)
-                # copy=True: a CPU tensor would otherwise keep the shard's file mapping (and every
-                # page read from it) alive for the life of the model
-                t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
-                         copy=True)
-                _set_tensor(model, name, t)
+        # stray keys (old rotary caches ...) are not read: transformers ignores them too
+        for key, t in read_tensors(folder / fname, [k for k in keys if k in names]):
+            name = names[key]
+            if device.type != "cpu":
+                t = t.to(device)
+            mod_name, _, attr = name.rpartition(".")
+            if mod_name in targets and attr in ("weight", "bias"):
+                parts = pending.setdefault(mod_name, {})
+                parts[attr] = t
+                lin = model.get_submodule(mod_name)
+                if "weight" in parts and (lin.bias is None or "bias" in parts):
+                    _quantize_from(model, mod_name, parts["weight"], parts.get("bias"), device, compute_dtype,
+                                   dtype=dtype)
+                    del pending[mod_name], parts, t  # drop the full-precision copy now
+                continue
+            _set_tensor(model, name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     if pending:
         raise ModelLoadError(f"linears {sorted(pending)[:3]} are missing their weight in the checkpoint")
     _tie_or_check(model)
