@@ -70,12 +70,19 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         raise KeyError(f"{name} is neither a parameter nor a buffer of the model")
 
 
-# values per chunk when quantizing on the CPU: bitsandbytes quantizes on the CPU in plain PyTorch, ~20 B of scratch per value; larger chunks are no faster
-CPU_CHUNK_VALUES = 1 << 22
+# values per chunk when quantizing on the CPU: bitsandbytes quantizes there in plain PyTorch with ~20 B of
+# scratch per value, and each call costs a few thread synchronisations; a quarter of the weight, within
+# these bounds, keeps the scratch below a linear's own size and the calls few
+CPU_CHUNK_MIN, CPU_CHUNK_MAX = 1 << 18, 1 << 22
+
+
+def cpu_chunk_values(numel: int) -> int:
+    """Values quantized per call for a weight of `numel` values."""
+    return min(max(numel // 4, CPU_CHUNK_MIN), CPU_CHUNK_MAX)
 
 
 def quantize_linear_chunked(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                            chunk_values: int = CPU_CHUNK_VALUES, dtype: torch.dtype | None = None):
+                            chunk_values: int | None = None, dtype: torch.dtype | None = None):
     """NF4 Linear4bit on the CPU, bit-identical to quantize_linear, quantized a few rows at a time.
 
     `weight` is [out, in]. `dtype` (default: the weight's) is the dtype quantize_linear would have seen:
@@ -91,7 +98,7 @@ def quantize_linear_chunked(weight: torch.Tensor, bias: torch.Tensor | None, com
     out_f, in_f = weight.shape
     flat = weight.detach().contiguous().reshape(-1)
     n = flat.numel()
-    step = max(NF4_BLOCKSIZE, chunk_values // NF4_BLOCKSIZE * NF4_BLOCKSIZE)
+    step = max(NF4_BLOCKSIZE, (chunk_values or cpu_chunk_values(n)) // NF4_BLOCKSIZE * NF4_BLOCKSIZE)
     packed, absmax = [], []
     for start in range(0, n, step):
         q, st = F.quantize_4bit(flat[start:start + step].to(dtype), blocksize=NF4_BLOCKSIZE,
@@ -117,7 +124,7 @@ def quantize_linear_chunked(weight: torch.Tensor, bias: torch.Tensor | None, com
 
 
 def _quantize_from(model: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                   device: torch.device, compute_dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES,
+                   device: torch.device, compute_dtype: torch.dtype, chunk_values: int | None = None,
                    dtype: torch.dtype | None = None) -> None:
     """Quantize linear `name` from a value of its weight (stored layout) and bias; put the NF4 layer in its place.
 
@@ -202,9 +209,8 @@ def _key_names(plan: dict[str, list[str]], model: nn.Module, params: dict) -> di
                 unknown.append(key)
             else:
                 names[key] = name
-    tied_head = _head_names(model)  # may be absent: the embedding is the head then
-    missing = sorted(n for n in dict(model.named_parameters(remove_duplicate=False))
-                     if n not in set(names.values()) | tied_head)
+    found = set(names.values()) | _head_names(model)  # a tied head may be absent: the embedding is the head
+    missing = sorted(n for n, _ in model.named_parameters(remove_duplicate=False) if n not in found)
     if missing and unknown:
         raise NotLayerByLayer(f"checkpoint names such as {unknown[0]} differ from the model's ({missing[0]})")
     if missing:
