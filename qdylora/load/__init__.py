@@ -2,5 +2,7 @@
 
 from .model import load_model_and_tokenizer, load_quantized_model, load_tokenizer
 from .quantize import quantize_model
+from .source import ModelSource, resolve_model
 
-__all__ = ["load_model_and_tokenizer", "load_quantized_model", "load_tokenizer", "quantize_model"]
+__all__ = ["load_model_and_tokenizer", "load_quantized_model", "load_tokenizer", "quantize_model", "ModelSource",
+           "resolve_model"]

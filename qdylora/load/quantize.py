@@ -24,16 +24,40 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def quantize_linear(linear: nn.Linear, device: torch.device | str | None = None,
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' Conv1D (GPT-2 and relatives): a linear whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Conv1D or a bnb 4-bit linear."""
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The module's weight (or `weight`, a value for it) as [out, in]: a Conv1D's stored [in, out] transposed."""
+    w = (module.weight if weight is None else weight).detach()
+    return w.t() if is_conv1d(module) else w
+
+
+def quantize_linear(linear: nn.Module, device: torch.device | str | None = None,
                     compute_dtype: torch.dtype | None = None) -> bnb.nn.Linear4bit:
-    """Return a frozen bnb Linear4bit (NF4, blocksize 64, nested absmax) holding `linear`'s weight."""
+    """Return a frozen bnb Linear4bit (NF4, blocksize 64, nested absmax) computing what `linear` computes.
+
+    `linear` is an nn.Linear or a transformers Conv1D (quantized as the linear of its weight transposed).
+    """
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
+    in_f, out_f = linear_features(linear)
     q = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        in_f, out_f, bias=linear.bias is not None,
         compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta",
     )
-    w = linear.weight.detach()
+    w = linear_weight(linear).contiguous()
     if w.device.type == "meta":
         raise ValueError("cannot quantize a weight on the meta device; load its values first")
     q.weight = bnb.nn.Params4bit(
@@ -72,8 +96,10 @@ def is_4bit_linear(module: nn.Module) -> bool:
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """A full-precision linear (nn.Linear or a subclass such as Falcon's FalconLinear), not a bnb one."""
-    return isinstance(module, nn.Linear) and not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    """A full-precision linear: nn.Linear or a subclass (Falcon's FalconLinear), or a Conv1D; not a bnb one."""
+    if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        return False
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def keep_standard_layout(module: bnb.nn.Linear4bit) -> None:
@@ -101,7 +127,7 @@ def quantizable_linear_names(model: nn.Module, skip_modules: tuple[str, ...] = D
 def quantize_model(model: nn.Module, device: torch.device | str | None = None,
                    compute_dtype: torch.dtype | None = None,
                    skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES) -> nn.Module:
-    """Replace every nn.Linear except the skipped ones (LM head) by NF4 Linear4bit, one at a time."""
+    """Replace every linear (nn.Linear, Conv1D) but the skipped ones (LM head) by NF4 Linear4bit, one at a time."""
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     for name in quantizable_linear_names(model, skip_modules):
