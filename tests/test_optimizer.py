@@ -66,7 +66,6 @@ def test_32bit_equals_adamw_with_one_parameter_per_component():
 def test_untrained_components_keep_value_and_state_bit_for_bit(bits):
     A, B, opt, history = _run_component_adamw(bits)
     torch.manual_seed(0)
-    A_prev, B_prev = torch.randn(R, IN), torch.randn(OUT, R)
     for step, ((a_before, b_before, st_before), idx) in enumerate(history):
         a_after = history[step + 1][0][0] if step + 1 < len(history) else A.detach()
         b_after = history[step + 1][0][1] if step + 1 < len(history) else B.detach()
