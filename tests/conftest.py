@@ -12,6 +12,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernels: runs the Triton kernels (in the interpreter without CUDA; "
+                                       "see kernel_setup.py)")
+
+
 # ../shared/data beside the repository (MMLU validation, Alpaca 5k); never copied into the repo
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
