@@ -1,4 +1,5 @@
-"""What the kernel test modules share (not a test module): how the kernels are imported, and call inputs.
+"""What the kernel test modules share (not a test module): how the kernels are imported, call inputs,
+and the hand-written formula the op's implementations are checked against.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) on tiny shapes,
 in fp32 and fp16 (bf16 dots are wrong in the interpreter). With CUDA the same tests run compiled
@@ -89,6 +90,16 @@ def only_in_child(request):
 
 import bitsandbytes.functional as bnbF  # noqa: E402
 
+# (dtype, atol, rtol) in the style of Liger-Kernel's tests: what each compute dtype's rounding allows
+# against the float64 formula; at the CPU test shapes the largest error of each implementation and
+# dtype is about a third of its allowance (bf16 measured on the reference op only)
+TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 2e-2, 1e-2),
+    (torch.bfloat16, 2e-1, 5e-2),
+]
+NAMES = ("y", "dx", "dA", "dB", "dbias", "dx_lora")
+
 
 def quantize(N: int, K: int, dtype: torch.dtype, seed: int = 0, nested: bool = True):
     """(packed, quant_state): bitsandbytes' NF4 (blocksize 64) of a random [N, K] weight."""
@@ -131,3 +142,46 @@ def run(fn, case, update, grads=LEAVES):
            case["ranks"], case["alpha"], update, leaves["x_lora"])
     y.backward(upstream_grad(y))
     return (y,) + tuple(None if leaves[k] is None else leaves[k].grad for k in LEAVES)
+
+
+def formula(x, W, bias, A, B, ranks, alpha: float, update: str, x_lora=None):
+    """y [M, N], one row and one component at a time, without rank masks:
+
+    y_m = x_m W^T + (alpha / r_m) * sum_{k < r_m} (x_lora_m . A_k) B[:, k] + bias   (rank 0: base only).
+    'frozen': only component r_m - 1 of row m can get a gradient, the others enter detached;
+    'nested': every component k < r_m can.
+    """
+    xl = x if x_lora is None else x_lora
+    rows = []
+    for m in range(x.shape[0]):
+        r = int(ranks[m])
+        y_m = x[m] @ W.t()
+        for k in range(r):
+            a_k, b_k = A[k], B[:, k]
+            if update == "frozen" and k != r - 1:
+                a_k, b_k = a_k.detach(), b_k.detach()
+            y_m = y_m + (alpha / r) * (xl[m] @ a_k) * b_k
+        rows.append(y_m if bias is None else y_m + bias)
+    return torch.stack(rows)
+
+
+def formula_run(case, update: str, dy: torch.Tensor):
+    """(y, dx, dA, dB, dbias, dx_lora) of the formula by autograd in float64, W = bitsandbytes' dequantize_4bit."""
+    leaves = {k: None if case[k] is None else case[k].detach().double().requires_grad_() for k in LEAVES}
+    W = bnbF.dequantize_4bit(case["weight"], case["quant_state"]).double()
+    y = formula(leaves["x"], W, leaves["bias"], leaves["lora_A"], leaves["lora_B"], case["ranks"].tolist(),
+                case["alpha"], update, leaves["x_lora"])
+    y.backward(dy.double())
+    return (y.detach(),) + tuple(None if leaves[k] is None else leaves[k].grad for k in LEAVES)
+
+
+def check_against_formula(fn, case, update: str, atol: float, rtol: float) -> None:
+    """fn's output and every gradient equal the formula's within (atol, rtol), in the input's dtype."""
+    got = run(fn, case, update)
+    want = formula_run(case, update, upstream_grad(got[0]))
+    for name, source, g, w in zip(NAMES, ("x",) + LEAVES, got, want):
+        assert (g is None) == (w is None), name
+        if w is None:
+            continue
+        assert g.dtype == case[source].dtype, f"{name}: {g.dtype}, its input is {case[source].dtype}"
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")

@@ -1,12 +1,7 @@
-"""The op's two implementations (the PyTorch reference, the CPU path; the Triton kernels) against a
-hand-written formula differentiated by plain autograd, and the kernels' independence from qdylora.
-
-Per row m of x, with rank r_m and W = bitsandbytes' dequantize_4bit of the packed weight:
-    y_m = x_m W^T + (alpha / r_m) * sum_{k < r_m} (x_lora_m . A_k) B[:, k] + bias
-written with one term per row and component and no rank masks. In 'frozen' mode only component
-r_m - 1 of row m may get a gradient: the others enter the row's sum detached; in 'nested' mode every
-component k < r_m does. Rank 0 is the base model alone. The formula runs in float64; the tolerance
-table (dtype, atol, rtol) is what each compute dtype's rounding allows.
+"""The op's two implementations (the PyTorch reference, the CPU path; the Triton kernels) against the
+hand-written formula of kernel_setup.formula (one term per row and component, no rank masks,
+frozen mode by .detach()) differentiated by plain autograd in float64; and the kernels' independence
+from qdylora.
 """
 
 from __future__ import annotations
@@ -19,87 +14,39 @@ import pytest
 import torch
 
 # first: kernel_setup imports triton (under the interpreter without CUDA) before bitsandbytes does
-from kernel_setup import (CUDA, LEAVES, interpreter_env, make_case, only_in_child, qk, run,  # noqa: F401
-                          upstream_grad)
-
-from bitsandbytes.functional import dequantize_4bit  # noqa: E402
+from kernel_setup import (TOLERANCES, check_against_formula, formula, interpreter_env, make_case,  # noqa: F401
+                          only_in_child, qk)
 
 from qdylora.ops.reference import ReferenceQDyLoRALinear  # noqa: E402
 from qdylora_kernels.common import SMALL_M  # noqa: E402
 
-NAMES = ("y", "dx", "dA", "dB", "dbias", "dx_lora")
-# (dtype, atol, rtol) in the style of Liger-Kernel's tests; the interpreter cannot run bf16 dots
-TOLERANCES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 2e-2, 1e-2),
-    pytest.param(torch.bfloat16, 1e-1, 5e-2, id="bfloat16"),
-]
-KERNEL_TOLERANCES = TOLERANCES[:2] + [
-    pytest.param(torch.bfloat16, 1e-1, 5e-2, id="bfloat16",
-                 marks=pytest.mark.skipif(not CUDA, reason="bf16 dots are wrong in Triton's interpreter")),
-]
-# small shapes (the interpreter is slow): N not a multiple of the tiles, K one or two NF4 blocks
+# small shapes (the interpreter is slow): N not a multiple of the kernels' tiles, K one NF4 block
 N, K, R = 40, 64, 16
 PATHS = {"split": SMALL_M // 16, "gemm": SMALL_M + 3}  # rows: the split-K kernels, the tiled GEMMs
+# bf16 for the kernels on CUDA only (tests/test_kernels.py::test_gpu_bf16_matches_formula): the
+# interpreter's bf16 dots are wrong
+KERNEL_TOLERANCES = [t for t in TOLERANCES if t[0] != torch.bfloat16]
+# rank-0 rows: the interpreter computes the scale alpha / 0, which the kernels then never select
+ZERO_RANK_SCALE = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
 
-def formula(x, W, bias, A, B, ranks, alpha: float, update: str, x_lora=None):
-    """y [M, N] of the formula in the module docstring, term by term."""
-    xl = x if x_lora is None else x_lora
-    rows = []
-    for m in range(x.shape[0]):
-        r = int(ranks[m])
-        y_m = x[m] @ W.t()
-        for k in range(r):
-            a_k, b_k = A[k], B[:, k]
-            if update == "frozen" and k != r - 1:
-                a_k, b_k = a_k.detach(), b_k.detach()
-            y_m = y_m + (alpha / r) * (xl[m] @ a_k) * b_k
-        rows.append(y_m if bias is None else y_m + bias)
-    return torch.stack(rows)
-
-
-def formula_run(case, update: str, dy: torch.Tensor):
-    """(y, dx, dA, dB, dbias, dx_lora) of the formula in float64 from the case's inputs, backward from dy."""
-    leaves = {k: None if case[k] is None else case[k].detach().double().requires_grad_() for k in LEAVES}
-    W = dequantize_4bit(case["weight"], case["quant_state"]).double()
-    y = formula(leaves["x"], W, leaves["bias"], leaves["lora_A"], leaves["lora_B"], case["ranks"].tolist(),
-                case["alpha"], update, leaves["x_lora"])
-    y.backward(dy.double())
-    return (y.detach(),) + tuple(None if leaves[k] is None else leaves[k].grad for k in LEAVES)
-
-
-def row_ranks_for(M: int) -> list[int]:
-    """Every rank 0..R over the rows, neighbours different (0: the base model alone)."""
-    return [(5 * i) % (R + 1) for i in range(M)]
-
-
-def check_against_formula(fn, M: int, dtype, atol: float, rtol: float, update: str, x_lora: bool = False):
-    case = make_case(M, N, K, R, row_ranks_for(M), dtype=dtype, x_lora=x_lora, seed=M)
-    got = run(fn, case, update)
-    want = formula_run(case, update, upstream_grad(got[0]))
-    for name, source, g, w in zip(NAMES, ("x",) + LEAVES, got, want):
-        assert (g is None) == (w is None), name
-        if w is None:
-            continue
-        assert g.dtype == case[source].dtype, f"{name}: {g.dtype}, its input is {case[source].dtype}"
-        torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+def case_for(path: str, dtype: torch.dtype, x_lora: bool = False) -> dict:
+    """A call on `path`'s row count with every rank 0..R over the rows, neighbours different."""
+    M = PATHS[path]
+    return make_case(M, N, K, R, [(5 * i) % (R + 1) for i in range(M)], dtype=dtype, x_lora=x_lora, seed=M)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
 @pytest.mark.parametrize("update", ["frozen", "nested"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_reference_op_matches_formula(path, update, dtype, atol, rtol):
-    check_against_formula(ReferenceQDyLoRALinear.apply, PATHS[path], dtype, atol, rtol, update)
+    check_against_formula(ReferenceQDyLoRALinear.apply, case_for(path, dtype), update, atol, rtol)
 
 
 @pytest.mark.parametrize("update", ["frozen", "nested"])
 def test_reference_op_x_lora_matches_formula(update):
-    check_against_formula(ReferenceQDyLoRALinear.apply, PATHS["split"], torch.float32, 1e-5, 1e-5, update, x_lora=True)
-
-
-# rank-0 rows: the interpreter computes the scale alpha / 0, which the kernels then never select
-ZERO_RANK_SCALE = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+    check_against_formula(ReferenceQDyLoRALinear.apply, case_for("split", torch.float32, x_lora=True), update,
+                          *TOLERANCES[0][1:])
 
 
 @pytest.mark.kernels
@@ -108,14 +55,15 @@ ZERO_RANK_SCALE = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarni
 @pytest.mark.parametrize("update", ["frozen", "nested"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_kernels_match_formula(path, update, dtype, atol, rtol):
-    check_against_formula(qk.triton_qdylora_linear, PATHS[path], dtype, atol, rtol, update)
+    check_against_formula(qk.triton_qdylora_linear, case_for(path, dtype), update, atol, rtol)
 
 
 @pytest.mark.kernels
 @ZERO_RANK_SCALE
 @pytest.mark.parametrize("update", ["frozen", "nested"])
 def test_kernels_x_lora_match_formula(update):
-    check_against_formula(qk.triton_qdylora_linear, PATHS["split"], torch.float32, 1e-5, 1e-5, update, x_lora=True)
+    check_against_formula(qk.triton_qdylora_linear, case_for("split", torch.float32, x_lora=True), update,
+                          *TOLERANCES[0][1:])
 
 
 def test_formula_frozen_mode_trains_only_the_top_component():

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 # first: kernel_setup imports triton (under the interpreter without CUDA) before bitsandbytes does
-from kernel_setup import (CUDA, KERNEL_TEST_FILES, MODE, interpreter_env, make_case, only_in_child,  # noqa: F401
-                          qk, quantize, run)
+from kernel_setup import (CUDA, KERNEL_TEST_FILES, MODE, TOLERANCES, check_against_formula,  # noqa: F401
+                          interpreter_env, make_case, only_in_child, qk, quantize, run)
 
 import bitsandbytes.functional as bnbF  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -298,6 +298,18 @@ def test_ops_dispatch_to_triton(monkeypatch):
 def test_gpu_bf16_4096(M, update):
     ranks = [(13 * i) % 64 + 1 for i in range(M)]
     check(make_case(M, 4096, 4096, 64, ranks, dtype=torch.bfloat16, x_lora=(M % 2 == 1)), update)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", [16, 80], ids=["split", "gemm"])
+@pytest.mark.parametrize("update", ["frozen", "nested"])
+def test_gpu_bf16_matches_formula(M, update):
+    """bf16, compiled (the PTX lookup), against kernel_setup.formula (float64 autograd, no rank masks)."""
+    ranks = [(7 * i) % 65 for i in range(M)]  # 0..64
+    atol, rtol = next(t[1:] for t in TOLERANCES if t[0] == torch.bfloat16)
+    check_against_formula(qk.triton_qdylora_linear, make_case(M, 256, 256, 64, ranks, dtype=torch.bfloat16),
+                          update, atol, rtol)
 
 
 @pytest.mark.gpu
