@@ -24,9 +24,9 @@ knows every linear's shape (``architecture``). Each item below is computed from 
 
 The peak is not the sum: logits transients happen at the start of backward when no adapter
 gradient exists yet; the full gradients exist at its end. ``peak`` takes the larger of the two
-phases (and of the optimizer step). tests/test_planner.py checks the per-layer saved-tensor
-formulas against a tensor-level tracker (``measure.TensorMemoryTracker``) on CPU for Llama and
-Falcon layers.
+phases (and of the optimizer step). tests/test_planner.py checks every item against a training
+step measured on CPU with a tensor-level tracker (``measure.TensorMemoryTracker``), for tiny Llama
+and Falcon models.
 """
 
 from __future__ import annotations
