@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the fused QDyLoRA kernels against the usual QLoRA stacks (issue 3).
+"""Benchmark the fused QDyLoRA kernels against the usual QLoRA stacks.
 
 For each weight shape (N out x K in), row count M, LoRA rank r, and mode (forward, or forward +
 backward), times four ways of computing y = x @ W^T + (alpha/r) (x @ A[:r]^T) @ B[:, :r]^T:
@@ -10,13 +10,13 @@ backward), times four ways of computing y = x @ W^T + (alpha/r) (x @ A[:r]^T) @ 
   c        bitsandbytes.matmul_4bit + separate LoRA matmuls (bnb's own 4-bit path)
 
 with triton.testing.do_bench (median, L2 flushed between runs). Each config is first checked
-against the PyTorch reference (qdylora.reference): relative error of y (and dx, dA, dB in
+against the PyTorch reference (qdylora.ops.reference): relative error of y (and dx, dA, dB in
 forward+backward mode). Reports time, TFLOP/s, GB/s, transient memory (peak allocated during
 one call above what was allocated before it), and speed ratios; writes CSV + JSON + PNG under
 benchmarks/results/ named after the GPU. A failing config is recorded and the run goes on.
 
-  python benchmarks/bench_kernels.py                # full run, about 4-6 minutes on an H100
-  python benchmarks/bench_kernels.py --quick        # a subset, under a minute
+  python benchmarks/bench_kernels.py                # full run, a few minutes on an H100 (estimated)
+  python benchmarks/bench_kernels.py --quick        # a subset, under a minute (estimated)
   python benchmarks/bench_kernels.py --acceptance   # just what the targets need: M = 4096 fwd+bwd, M <= 16
   python benchmarks/bench_kernels.py --dry-run      # CPU, Triton interpreter, tiny shapes: a smoke test
 
@@ -53,7 +53,7 @@ METHOD_NAMES = {
 }
 R_ALLOC = 64  # lora_A rows / lora_B columns allocated (r_max); the rank is a runtime value
 ALPHA = 16.0
-# targets from the issue: M = 4096 fwd+bwd >= 1.15x faster than (a) and within 1.10x of (b);
+# the H100 targets: M = 4096 fwd+bwd >= 1.15x faster than (a) and within 1.10x of (b);
 # M <= 16 >= 3x faster than (b) and >= 1.5x faster than bitsandbytes' path (c)
 LARGE_M = 4096
 SMALL_ROWS = 16
@@ -392,7 +392,7 @@ class Bench:
         return out
 
     def targets(self, ratios):
-        """The issue's H100 targets (TARGETS), checked on every config they apply to."""
+        """The H100 targets (TARGETS), checked on every config they apply to."""
         checks = []
         for e in ratios:
             for rows, mode, base, need, label in TARGETS:

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import tiny_nf4
+from helpers import tiny_nf4
 from qdylora.adapters.export import export_peft
 from qdylora.adapters.files import AdapterError, load_adapter, save_adapter
 from qdylora.adapters.config import ConfigError, QDyLoRAConfig

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from helpers import SHARED_ALPACA, bpe_tokenizer, needs_shared
 from qdylora.data import IGNORE_INDEX, DataError, build_dataset, format_example, load_records, tokenize_example
 from qdylora.data.embedded_task import default_splits, make_task
 
@@ -24,8 +24,9 @@ def test_reads_json_array_jsonl_text_and_messages(tmp_path):
     assert [sorted(r) for r in load_records(b)] == [["text"], ["messages"]]
 
 
+@needs_shared(SHARED_ALPACA)
 def test_shared_alpaca_file_loads():
-    recs = load_records(SHARED_DATA / "alpaca" / "alpaca_5000.json")
+    recs = load_records(SHARED_ALPACA)
     assert len(recs) == 5000 and {"instruction", "input", "output"} <= set(recs[0])
 
 
@@ -57,6 +58,34 @@ def test_chat_template_prompt_and_response_only_labels(tokenizer):
     assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
     assert tokenizer.decode(ex["input_ids"][n_prompt:]) == response
+
+
+@pytest.mark.parametrize("record", [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+                                    {"text": "plain text"}], ids=["alpaca", "text"])
+def test_examples_start_with_the_bos_the_tokenizer_adds(record):
+    """A tokenizer whose post-processor adds BOS (Llama 2's kind): every example starts with it once,
+    the same ids as tokenizing the whole text with the tokenizer's defaults; labels mask BOS + prompt."""
+    tok = bpe_tokenizer(bos=True)
+    prompt, response = format_example(record, tok)
+    assert not prompt.startswith("<s>")
+    ex = tokenize_example(prompt, response, tok, 512)
+    assert ex["input_ids"] == tok(prompt + response)["input_ids"]
+    assert ex["input_ids"][0] == tok.bos_token_id and ex["input_ids"][1] != tok.bos_token_id
+    n_prompt = len(tok(prompt)["input_ids"]) if prompt else 1  # BOS (+ the prompt's tokens)
+    assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ex["labels"][n_prompt:] == tok(response, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_that_writes_bos_gets_no_second_one():
+    tok = bpe_tokenizer(bos=True)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompt, response = format_example({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, tok)
+    assert prompt == "<s><user>Add 2 and 3.\n<assistant>" and response == "5</s>"
+    ex = tokenize_example(prompt, response, tok, 512)
+    # the template's "<s>" is the BOS token: the text's own ids, BOS once
+    assert ex["input_ids"] == tok(prompt + response, add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][0] == tok.bos_token_id and ex["input_ids"].count(tok.bos_token_id) == 1
 
 
 def test_alpaca_format_without_chat_template(tokenizer):

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from qdylora.adapters.attach import attach_adapters, dylora_layers, set_backend, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.load.model import load_quantized_model

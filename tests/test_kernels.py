@@ -1,18 +1,8 @@
-"""The fused Triton kernels against the PyTorch reference (qdylora.reference).
+"""The fused Triton kernels against the PyTorch reference (qdylora.ops.reference).
 
-Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) on tiny shapes,
-in fp32 and fp16 (bf16 is broken in the interpreter). With CUDA the same tests run compiled on
-the GPU, plus the bf16 tests at real sizes marked `gpu`.
-
-TRITON_INTERPRET must be set when triton itself is imported (its standard library is
-decorated then) and while the interpreter runs. Three cases, decided at import:
-- "gpu": CUDA available, compiled kernels;
-- "interpreter": TRITON_INTERPRET already set, or triton not imported yet (this file run
-  alone): the variable is set around the import of qdylora_kernels and, by a module fixture,
-  while this file's tests run, and restored otherwise;
-- "subprocess": triton was already imported without the interpreter (the whole suite, where
-  bitsandbytes imports it first): every test here is skipped in-process and
-  test_interpreter_suite_in_subprocess runs this file in a child Python with the variable set.
+How the kernels run here (compiled on CUDA, else Triton's interpreter, in this process or in a
+child Python) is explained in kernel_setup.py. With CUDA the bf16 tests at real sizes marked
+`gpu` run too. test_kernel_reference.py checks both against a hand-written formula.
 """
 
 from __future__ import annotations
@@ -21,72 +11,14 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-
-def _mode() -> str:
-    if CUDA:
-        return "gpu"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or "triton" not in sys.modules:
-        return "interpreter"
-    return "subprocess"
-
-
-MODE = _mode()
-
-
-def _import_kernels():
-    if MODE != "interpreter":
-        import qdylora_kernels
-
-        return qdylora_kernels
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        # a copy imported earlier without the interpreter has compiled-mode kernels: start afresh
-        for name in [m for m in sys.modules if m == "qdylora_kernels" or m.startswith("qdylora_kernels.")]:
-            del sys.modules[name]
-        import qdylora_kernels
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return qdylora_kernels
-
-
-qk = _import_kernels()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    if MODE != "interpreter":
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _only_in_child(request):
-    if MODE == "subprocess" and request.node.name != "test_interpreter_suite_in_subprocess":
-        pytest.skip("triton was imported without the interpreter: run by test_interpreter_suite_in_subprocess")
-
-
-@pytest.mark.skipif(MODE != "subprocess", reason="only when triton was imported before this file")
-def test_interpreter_suite_in_subprocess():
-    """This file, in a child Python where triton is imported under the interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-
+# first: kernel_setup imports triton (under the interpreter without CUDA) before bitsandbytes does
+from kernel_setup import (CUDA, KERNEL_TEST_FILES, MODE, TOLERANCES, check_against_formula,  # noqa: F401
+                          interpreter_env, make_case, only_in_child, qk, quantize, run)
 
 import bitsandbytes.functional as bnbF  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -96,45 +28,24 @@ from qdylora.ops.reference import ReferenceQDyLoRALinear  # noqa: E402
 from qdylora_kernels.common import SMALL_M  # noqa: E402
 from qdylora_kernels.nf4 import decode_nf4  # noqa: E402
 
+pytestmark = pytest.mark.kernels
+
+
+@pytest.mark.skipif(MODE != "subprocess", reason="only when triton was imported before this file")
+def test_interpreter_suite_in_subprocess():
+    """The kernel tests of this folder, in one child Python where triton is imported under the interpreter."""
+    here = Path(__file__).parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", *(str(here / f) for f in KERNEL_TEST_FILES),
+                           "-m", "kernels", "-q", "-p", "no:cacheprovider"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
 # rows for each path: the split-K (decode) kernels take M <= SMALL_M, the tiled GEMMs the rest
 SPLIT_M, GEMM_M = 5, SMALL_M + 3
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 NAMES = ("y", "dx", "dA", "dB", "dbias", "dx_lora")
-
-
-def quantize(N, K, dtype, seed=0, nested=True):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(N, K, generator=g) * 0.05).to(device=DEVICE, dtype=dtype)
-    return bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
-
-
-def make_case(M, N, K, R, ranks, dtype=torch.float32, bias=True, x_lora=False, nested=True, seed=0, ab_dtype=None):
-    """Inputs of one call; ranks: an int (every row) or a list with one rank per row."""
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dt)
-
-    packed, qs = quantize(N, K, dtype, seed, nested)
-    r = torch.full((M,), ranks) if isinstance(ranks, int) else torch.as_tensor(ranks)
-    return dict(
-        x=rnd(M, K), weight=packed, quant_state=qs, bias=rnd(N) if bias else None,
-        lora_A=rnd(R, K, scale=0.1, dt=ab_dtype or dtype), lora_B=rnd(N, R, scale=0.1, dt=ab_dtype or dtype),
-        ranks=r.to(device=DEVICE, dtype=torch.long), alpha=16.0, x_lora=rnd(M, K) if x_lora else None,
-    )
-
-
-def run(fn, case, update, grads=("x", "lora_A", "lora_B", "bias", "x_lora")):
-    """(y, dx, dA, dB, dbias, dx_lora) of fn on fresh leaves; None where not asked for."""
-    leaves = {}
-    for k in ("x", "bias", "lora_A", "lora_B", "x_lora"):
-        t = case[k]
-        leaves[k] = None if t is None else t.detach().clone().requires_grad_(k in grads)
-    y = fn(leaves["x"], case["weight"], case["quant_state"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
-           case["ranks"], case["alpha"], update, leaves["x_lora"])
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(device=y.device, dtype=y.dtype)
-    y.backward(dy)
-    return (y,) + tuple(None if leaves[k] is None else leaves[k].grad for k in ("x", "lora_A", "lora_B", "bias", "x_lora"))
 
 
 def rel_err(ref, got):
@@ -387,6 +298,18 @@ def test_ops_dispatch_to_triton(monkeypatch):
 def test_gpu_bf16_4096(M, update):
     ranks = [(13 * i) % 64 + 1 for i in range(M)]
     check(make_case(M, 4096, 4096, 64, ranks, dtype=torch.bfloat16, x_lora=(M % 2 == 1)), update)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", [16, 80], ids=["split", "gemm"])
+@pytest.mark.parametrize("update", ["frozen", "nested"])
+def test_gpu_bf16_matches_formula(M, update):
+    """bf16, compiled (the PTX lookup), against kernel_setup.formula (float64 autograd, no rank masks)."""
+    ranks = [(7 * i) % 65 for i in range(M)]  # 0..64
+    atol, rtol = next(t[1:] for t in TOLERANCES if t[0] == torch.bfloat16)
+    check_against_formula(qk.triton_qdylora_linear, make_case(M, 256, 256, 64, ranks, dtype=torch.bfloat16),
+                          update, atol, rtol)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_nf4
+from helpers import tiny_nf4
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.adapters.attach import attach_adapters, dylora_layers, set_rank
 from qdylora.ops.reference import dequantize_nf4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,86 +13,18 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers import (QLORA_ROWS, SHARED_MMLU, bpe_tokenizer, needs_shared, tiny_qdylora, tiny_tokenizer,  # noqa: E402
+                     write_jsonl)
+
 from qdylora.errors import DataError as EvalDataError  # noqa: E402
 from qdylora.eval.mmlu import (answer_token_ids, build_prompt, header, load_mmlu, pick_shots,  # noqa: E402
                                score_questions, subset)
 
-SHARED_MMLU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmlu" / "zero_shot_mmlu_val.jsonl"
-
-QLORA_ROWS = [
-    {"subject": "algebra", "input": header("algebra") + "What is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:", "output": "A"},
-    {"subject": "algebra", "input": header("algebra") + "What is 2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:", "output": "C"},
-    {"subject": "biology", "input": header("biology") + "Cells have a?\nA. wheel\nB. membrane\nC. engine\nD. roof\nAnswer:",
-     "output": "B"},
-]
 HF_ROWS = [
     {"question": "What is 1+1?", "choices": ["2", "3", "4", "5"], "answer": 0, "subject": "elementary_mathematics"},
     {"question": "What is 2+2?", "choices": ["2", "3", "4", "5"], "answer": 2, "subject": "elementary_mathematics"},
     {"question": "Cells have a?", "choices": ["wheel", "membrane", "engine", "roof"], "answer": 1, "subject": "biology"},
 ]
-
-
-# ------------------------------------------------------------------ helpers shared with test_sweep.py
-
-WORDS = ("The following are multiple choice questions with answers about algebra biology elementary mathematics "
-         "What is 1 2 3 4 5 Cells have a wheel membrane engine roof A B C D E Answer Below an instruction that "
-         "describes task Write response appropriately completes the request Instruction Response Input paired "
-         "provides further context Name colour of sky blue green sun yellow red grass").split()
-
-
-def tiny_tokenizer(padding_side: str = "right"):
-    """A word-level tokenizer (no network): words, punctuation and digits are one token each."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "</s>"]
-    punct = list(".:?+,()#'\n!-")
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + punct))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
-    fast.padding_side = padding_side
-    return fast
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    """A 2-layer Llama (hidden 64) with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=0, bos_token_id=None, eos_token_id=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def randomize_adapters(peft_model, seed: int = 0, scale: float = 0.3) -> None:
-    """B starts at zero (every rank = base); give it values so ranks differ."""
-    from qdylora.adapters.attach import dylora_layers
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in dylora_layers(peft_model):
-            for p in layer.lora_dyB[layer.active_adapters[0]]:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-def tiny_qdylora(r_max: int = 8, seed: int = 0):
-    """(NF4 tiny Llama with random QDyLoRA adapters r 1..r_max, tokenizer)."""
-    from qdylora.adapters.config import QDyLoRAConfig
-    from qdylora.adapters.attach import attach_adapters
-    from qdylora.load.model import load_quantized_model
-
-    tok = tiny_tokenizer()
-    base = load_quantized_model(tiny_llama(len(tok), seed), device="cpu")
-    pm = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=r_max, alpha=16.0))
-    randomize_adapters(pm, seed)
-    return pm.eval(), tok
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # ------------------------------------------------------------------ stub model with known letter logits
@@ -242,6 +173,29 @@ def test_letter_tokens_prefer_space_letter():
     assert sep == " " and ids == [tok.convert_tokens_to_ids(c) for c in "ABCD"]
 
 
+def test_bpe_tokenizer_scores_the_space_letter_tokens(tmp_path):
+    """A BPE tokenizer tells " A" from "A" (the word-level one cannot): the letters scored are " A".." D",
+    the tokens that follow "Answer:" in k-shot examples, even where the bare letters have higher logits."""
+    tok = bpe_tokenizer()
+    space = [tok.convert_tokens_to_ids("\u0120" + c) for c in "ABCD"]
+    bare = [tok.convert_tokens_to_ids(c) for c in "ABCD"]
+    assert len(set(space + bare)) == 8 and tok.unk_token_id not in space + bare
+    qs = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS))  # answers A, C, B
+    assert answer_token_ids(tok, build_prompt(qs[0])) == (space, " ")
+    logits = [{space[0]: 1.0, space[1]: 2.0, bare[0]: 9.0},  # " B" wins (wrong); bare "A" would have won
+              {space[2]: 3.0, bare[3]: 8.0},  # " C" (right); bare "D" would have won
+              {space[1]: 0.5, bare[1]: -4.0, space[3]: 0.25}]  # " B" (right)
+    stub = StubLM(len(tok), {tuple(tok(build_prompt(q))["input_ids"]): ll for q, ll in zip(qs, logits)})
+    res = score_questions(stub, tok, qs, batch_size=2, progress=False)[None]
+    assert res.predictions == [1, 2, 1] and res.accuracy_micro == pytest.approx(2 / 3)
+    assert res.letter_logits == [[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.5, 0.0, 0.25]]
+    V = len(tok)  # every other logit is 0: cross-entropy of the right " letter" over the vocabulary
+    losses = [math.log(V - 3 + math.exp(1) + math.exp(2) + math.exp(9)) - 1.0,
+              math.log(V - 2 + math.exp(3) + math.exp(8)) - 3.0,
+              math.log(V - 3 + math.exp(0.5) + math.exp(-4) + math.exp(0.25)) - 0.5]
+    assert res.loss == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+
 def test_left_and_right_padding_give_the_same_scores(tmp_path):
     model, tok = tiny_qdylora()
     qs = load_mmlu(write_jsonl(tmp_path / "q.jsonl", QLORA_ROWS * 2))
@@ -309,7 +263,7 @@ def test_bad_answer_and_unknown_layout_and_missing_file(tmp_path):
         load_mmlu(tmp_path / "missing.jsonl")
 
 
-@pytest.mark.skipif(not SHARED_MMLU.is_file(), reason="shared MMLU file not present")
+@needs_shared(SHARED_MMLU)
 def test_shared_qlora_file_loads():
     qs = load_mmlu(SHARED_MMLU)
     assert len(qs) == 1531 and len({q.subject for q in qs}) == 57

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from qdylora.load.model import load_quantized_model
 from qdylora.load.quantize import check_nf4_storage, quantize_linear, quantized_linears
 

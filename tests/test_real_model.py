@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from conftest import SHARED_DATA
+from helpers import SHARED_ALPACA, needs_shared
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.data import build_dataset, load_records
 from qdylora.load.model import load_model_and_tokenizer
 from qdylora.adapters.attach import attach_adapters, set_rank
 from qdylora.train import TrainConfig, read_log, train_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_shared(SHARED_ALPACA)]
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def _loss(model, batch) -> float:
 
 def test_smollm2_alpaca_loss_falls_and_every_rank_evaluates(tmp_path):
     base, tok = load_model_and_tokenizer()
-    recs = load_records(SHARED_DATA / "alpaca" / "alpaca_5000.json")
+    recs = load_records(SHARED_ALPACA)
     random.Random(0).shuffle(recs)
     train_ds = build_dataset(recs[:24], tok, 64)
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")

@@ -11,7 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_mmlu import QLORA_ROWS, tiny_llama, tiny_qdylora, tiny_tokenizer, write_jsonl  # noqa: E402
+from helpers import (QLORA_ROWS, randomize_adapters, tiny_llama, tiny_qdylora, tiny_tokenizer,  # noqa: E402
+                     write_jsonl)
 
 from qdylora.adapters.config import ConfigError  # noqa: E402
 from qdylora.eval.loss import encode_records, evaluate_loss  # noqa: E402
@@ -38,11 +39,9 @@ def saved(tmp_path_factory, tiny):
     from qdylora.load.model import load_model_and_tokenizer
     from qdylora.adapters.attach import attach_adapters
 
-    from test_mmlu import randomize_adapters
-
     root = tmp_path_factory.mktemp("sweep")
     tok = tiny_tokenizer()
-    tiny_llama(len(tok), seed=3).save_pretrained(root / "base")
+    tiny_llama(3, tokenizer=tok).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     base, _ = load_model_and_tokenizer(str(root / "base"), device="cpu")
     pm = attach_adapters(base, QDyLoRAConfig(r_min=2, r_max=8, alpha=8.0))
@@ -111,7 +110,7 @@ def test_exact_match_equals_greedy_decoding(tiny):
     model.eval()
     assert ours.exact_match == _greedy_exact_match(model, tok, records)
     # a model that always says EOS answers "" exactly and "blue" not: 1 of 2
-    plain = tiny_llama(len(tok))
+    plain = tiny_llama(tokenizer=tok)
     plain.lm_head = torch.nn.Linear(64, len(tok), bias=True)
     with torch.no_grad():
         plain.lm_head.weight.zero_()
@@ -189,7 +188,7 @@ def test_ranks_on_a_model_without_adapters_are_refused(tiny):
     from qdylora.eval.common import check_ranks
 
     _, tok = tiny
-    plain = tiny_llama(len(tok))
+    plain = tiny_llama(tokenizer=tok)
     with pytest.raises(ValueError, match="no qdylora adapters"):
         check_ranks(plain, [4])
     assert check_ranks(plain, None) is None

@@ -96,7 +96,9 @@ def _fwd_kernel(
 def _fwd_config(M: int, dtype: torch.dtype) -> tuple[dict, int, int]:
     """(meta-parameters, num_warps, num_stages) for the fused forward GEMM.
 
-    The decode costs about 11 instructions per weight (see KERNELS_NOTES.md); each decoded
+    Decoding bounds the loop: in bf16 the NF4 lookup is about 3 instructions per weight (lut.py),
+    the whole compiled main loop 7.4 (BLOCK_M 64) to 10.5 (BLOCK_M 256) SASS instructions per
+    decoded weight, x staging and MMA issue included (table in NOTES.md); each decoded
     weight feeds BLOCK_M multiply-adds, so large M takes the widest x tile wgmma allows (256)
     to keep the decode under the tensor-core time. BLOCK_N weight rows = 2 warpgroups x 64.
     """

@@ -28,7 +28,7 @@ SAMPLERS = ("uniform", "geometric", "list")
 
 @dataclass
 class QDyLoRAConfig:
-    """Dynamic-rank LoRA settings; one rank in [r_min, r_max] is sampled per optimizer step."""
+    """Dynamic-rank LoRA settings: ranks in [r_min, r_max] drawn per step, sequence or module (`rank_per`)."""
 
     r_min: int = 1
     r_max: int = 64

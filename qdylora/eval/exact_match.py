@@ -1,4 +1,4 @@
-"""Exact-match accuracy on the embedded default task (qdylora.default_task), per rank."""
+"""Exact-match accuracy on the embedded default task (qdylora.data.embedded_task), per rank."""
 
 from __future__ import annotations
 

@@ -10,9 +10,10 @@ knows every linear's shape (``architecture``). Each item below is computed from 
 - ``adapters``, ``adapter_grads``, ``optimizer_state``: from the parameter tensors the layer
   creates in the update mode (``qdylora.adapters.storage``) and the update rule, see
   ``adapter_bytes``: r_max*(in+out) fp32 per target linear; the gradients of the step at rank
-  r_max (the one with the most gradient and activations); AdamW's state per tensor, 32- or 8-bit
-  by bitsandbytes' size threshold, *paged* (unified memory that the driver may evict to CPU RAM
-  when the GPU is full) when the tensor has at least 1e5 values and the device is CUDA.
+  r_max (the one with the most gradient and activations); ComponentAdamW's state per tensor,
+  32-bit or 8-bit blockwise as the optimizer name says, *paged* (unified memory that the driver
+  may evict to CPU RAM when the GPU is full) for a paged optimizer when the tensor has at least 1e5
+  values and the device is CUDA.
 - ``activations``: what autograd keeps for backward; with gradient checkpointing one hidden
   state per layer boundary plus one layer's full set while it is recomputed in backward.
 - ``logits_loss``: logits in the model dtype, their fp32 copy / log-softmax / gradients
@@ -23,8 +24,9 @@ knows every linear's shape (``architecture``). Each item below is computed from 
 
 The peak is not the sum: logits transients happen at the start of backward when no adapter
 gradient exists yet; the full gradients exist at its end. ``peak`` takes the larger of the two
-phases (and of the optimizer step). The per-layer saved-tensor formulas were checked against a
-tensor-level tracker (:class:`TensorMemoryTracker`) on CPU for Llama and Falcon layers.
+phases (and of the optimizer step). tests/test_planner.py checks every item against a training
+step measured on CPU with a tensor-level tracker (``measure.TensorMemoryTracker``), for tiny Llama
+and Falcon models.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Pure-PyTorch QDyLoRA linear: the ground truth for the Triton kernels and the CPU path.
+"""Pure-PyTorch QDyLoRA linear: the CPU path, and what the Triton kernels' self-check compares with.
 
-y = x @ deq(W)^T + s_m * (x @ A[:r_m]^T) @ B[:, :r_m]^T + bias, with a rank r_m and scale
-s_m = alpha / r_m per row m of x. The dequantized weight lives only inside forward/backward
+y = x @ deq(W)^T + s_m * (x_lora @ A[:r_m]^T) @ B[:, :r_m]^T + bias, with a rank r_m and scale
+s_m = alpha / r_m per row m of x (x_lora: the low-rank path's input, x itself unless dropout makes
+another; rank 0: the base alone). The dequantized weight lives only inside forward/backward
 (recomputed in backward, never saved), like bitsandbytes' own 4-bit matmul.
 """
 

@@ -29,8 +29,8 @@ class TrainConfig:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3  # QLoRA's value; 0 turns clipping off
-    # auto: bitsandbytes paged AdamW 32-bit on CUDA; torch's AdamW on CPU, where bnb's paged optimizer
-    # is unpaged anyway and steps each of the many small adapter tensors one Python call at a time
+    # auto: paged AdamW 32-bit on CUDA; plain AdamW on CPU, where bitsandbytes does not page. Adapters are
+    # stepped by ComponentAdamW with the state this name describes (train.optimizer.state_settings)
     optim: str = "auto"
     gradient_checkpointing: bool = True
     save_steps: int = 20

@@ -1,4 +1,5 @@
-"""The Trainer: transformers' Trainer with qdylora adapter checkpoints written atomically, a rank per step, exact resume."""
+"""The Trainer: transformers' Trainer with qdylora adapter checkpoints written atomically, seeded ranks set before
+each micro-step (RankSchedule), exact resume."""
 
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def _training_args(cfg: TrainConfig, output_dir: str) -> TrainingArguments:
 
 def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: str | os.PathLike,
                 resume_from: str | None = None) -> dict[str, Any]:
-    """Train any PeftModel (qdylora adapters sample a rank per step); returns a summary dict."""
+    """Train any PeftModel (qdylora adapters at the seeded ranks of a RankSchedule); returns a summary dict."""
     cfg.validate()
     output_dir = str(output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
