@@ -37,8 +37,8 @@ class Allocation:
         """The report `qdylora allocate` prints: table, parameters against budget, calibration losses."""
         p = self.pattern
         info = self.table.info
-        lines = [f"score {p.score} at reference rank {info.get('reference', '-')}: {self.seconds['scores']:.1f} s "
-                 f"(greedy {self.seconds['greedy']:.2f} s)",
+        where = "data-free" if p.score == "norm" else f"at reference rank {info.get('reference')}"
+        lines = [f"score {p.score} ({where}): {self.seconds['scores']:.1f} s (greedy {self.seconds['greedy']:.2f} s)",
                  "ranks per module type x layer ('.' = off):", rank_table(p.ranks),
                  f"parameters: {p.params:,} of a budget of {self.budget:,} ({100 * p.params / self.budget:.1f}%)"]
         if self.uniform_rank is not None:

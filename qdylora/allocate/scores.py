@@ -124,10 +124,12 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
     return grads
 
 
-def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None) -> ScoreTable:
-    """g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| at the reference."""
+def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
+                  grads: dict | None = None) -> ScoreTable:
+    """g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| at the reference (`grads`: reference_gradients
+    already computed at it)."""
     layers = module_layers(model)
-    grads = reference_gradients(model, batches, reference, bar)
+    grads = grads or reference_gradients(model, batches, reference, bar)
     rows = []
     for name, layer in layers.items():
         A, B = _factors(layer)
@@ -143,12 +145,13 @@ def gradnorm_on_rank(r_max: int, reference: int) -> int:
     return min(r_max, 2 * reference)
 
 
-def gradnorm_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None) -> ScoreTable:
+def gradnorm_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
+                    grads: dict | None = None) -> ScoreTable:
     """Per module G_m = ||(gA[:n], gB[:, :n])|| at the reference; the module is off or on at rank n."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
     n = gradnorm_on_rank(cfg.r_max, reference)
-    grads = reference_gradients(model, batches, reference, bar)
+    grads = grads or reference_gradients(model, batches, reference, bar)
     gains = torch.zeros(len(layers), cfg.r_max, dtype=torch.float64)
     for i, name in enumerate(layers):
         gA, gB = grads[name]
