@@ -201,6 +201,19 @@ def test_taylor_and_gradnorm_from_autograd():
         A, B = layer.lora_dyA["default"], layer.lora_dyB["default"]
         want = (A * A.grad).abs().sum(1) + (B * B.grad).abs().sum(0)
         torch.testing.assert_close(taylor.gains[i].float(), want.detach(), rtol=1e-4, atol=1e-8)
+    # at reference 3, components < 3 use the true gradient there; component k >= 3 its gradient at alpha / (k + 1)
+    low = taylor_scores(model, batches, 3)
+    check3 = _model()
+    set_rank(check3, 3)
+    _mean_loss(check3, batches).backward()
+    for i, (name, layer) in enumerate(module_layers(check3).items()):
+        A, B = layer.lora_dyA["default"], layer.lora_dyB["default"]
+        want = ((A * A.grad).abs().sum(1) + (B * B.grad).abs().sum(0)).detach()
+        torch.testing.assert_close(low.gains[i, :3].float(), want[:3], rtol=1e-4, atol=1e-8)
+    gA, gB = reference_gradients(model, batches, 3)[Q0]
+    A, B = module_layers(model)[Q0].factors()
+    at3 = ((A * gA).abs().sum(1) + (B * gB).abs().sum(0))[3:]
+    torch.testing.assert_close(low.gains[0, 3:].float(), at3 * 3 / torch.arange(4, 9), rtol=1e-5, atol=1e-9)
     # gradnorm at reference 4 switches modules on at rank 8: its norm covers all 8 components' gradients at 4
     grads = reference_gradients(model, batches, 4)
     gA, gB = grads[V1]

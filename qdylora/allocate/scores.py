@@ -10,7 +10,8 @@ reference (for components >= R: the gradient they would get if switched on at sc
             measured calibration loss with module m at rank r and every other module at R, for r on a
             grid of ranks (0, the powers of two, r_max); module m may take the grid's ranks only.
 - taylor:   g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| (AdaLoRA's |p * dL/dp| sensitivity,
-            summed over the component; one backward pass).
+            summed over the component; one backward pass), where a component k >= R takes its gradient at
+            the scale alpha / (k + 1) it runs at as the last component of rank k + 1, not at alpha / R.
 - norm:     g[m, k] = ||B[:, k]|| ||A[k]|| / ||B A||_F (the component's share of the update; data-free).
 - gradnorm: G_m = sqrt(||gA[:n]||^2 + ||gB[:, :n]||^2) with n = min(r_max, 2R) (HeteroLoRA's GRAD-NORM): a
             module is off or on at rank n as a whole, g[m, k] = G_m / n for k < n.
@@ -130,12 +131,15 @@ def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: in
     already computed at it)."""
     layers = module_layers(model)
     grads = grads or reference_gradients(model, batches, reference, bar)
+    cfg = qdylora_config_of(model)
+    k = torch.arange(cfg.r_max)
+    # gradients came at scale alpha / reference; components >= reference run at alpha / (k + 1) at the most
+    rescale = torch.where(k < reference, 1.0, reference / (k + 1.0))
     rows = []
     for name, layer in layers.items():
         A, B = _factors(layer)
         gA, gB = grads[name]
-        rows.append((A * gA).abs().sum(1) + (B * gB).abs().sum(0))
-    cfg = qdylora_config_of(model)
+        rows.append(((A * gA).abs().sum(1) + (B * gB).abs().sum(0)) * rescale)
     return ScoreTable(list(layers), torch.stack(rows).double(), _costs(list(layers.values())),
                       [default_allowed(cfg)] * len(layers), "taylor", {"reference": reference})
 
