@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapters.attach import module_layers
 from ..data.examples import IGNORE_INDEX
-from ..eval.common import length_batches, model_device, pad_batch
+from ..eval.common import length_batches, pad_batch
 from ..eval.loss import encode_records, response_sums
 
 # rows of one forward pass = configurations x examples; logits of this many tokens stay in memory

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapters.attach import module_layers, qdylora_config_of
 from ..errors import ConfigError, DataError
@@ -65,7 +66,12 @@ def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int,
     greedy_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     configs = [[ranks[n] for n in layers]] + ([[uniform] * len(layers)] if uniform is not None else [])
-    losses = config_losses(model, batches, torch.tensor(configs, dtype=torch.long)).tolist()
+    bar = tqdm(total=len(batches) * len(configs), desc="calibration loss", dynamic_ncols=True) if progress else None
+    try:
+        losses = config_losses(model, batches, torch.tensor(configs, dtype=torch.long), bar).tolist()
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = {"scores": table.info["seconds"], "greedy": greedy_s, "evaluation": time.perf_counter() - t0}
     tokens = sum(b.tokens for b in batches)
     src = {**(source or {}), "reference_rank": reference, "calibration_examples": sum(b.ids.shape[0] for b in batches),
