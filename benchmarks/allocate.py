@@ -55,11 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise-seed", type=int, default=1, help="second seed of the 'module' run (run-to-run noise)")
     p.add_argument("--heldout", type=int, default=24, help="held-out Alpaca examples (split off before training)")
     p.add_argument("--calib", type=int, default=8, help="calibration examples (the first of the training split)")
-    p.add_argument("--loss-calib", type=int, default=4, help="calibration examples of the (costly) loss score")
+    p.add_argument("--loss-calib", type=int, default=2, help="calibration examples of the (costly) loss score")
     p.add_argument("--budgets", default="1,2,4,8,16", help="average ranks R of the budgets")
     p.add_argument("--loss-budgets", default="2,8",
                    help="budgets at which the loss score runs (main run only): each costs minutes on a CPU")
-    p.add_argument("--loss-grid", default="half,ref,double",
+    p.add_argument("--loss-grid", default="ref,double",
                    help="ranks the loss score measures around the reference R: any of 0, half (R/2), ref, double "
                         "(2R), quad (4R), all (0 and the powers of two); 0 is always measured")
     p.add_argument("--lora-ranks", default=None, help="LoRA runs (default: the budgets)")
@@ -208,32 +208,38 @@ def main(argv=None) -> int:
                    "loss_calib_tokens": sum(b.tokens for b in loss_calib)},
         "runs": {}, "lora": {},
     }
-    runs = [("module", args.seed, list(SCORES)), ("step", args.seed, list(SCORES)),
-            ("module", args.noise_seed, ["taylor", "norm", "gradnorm"])]
-    for rank_per, seed, scores in runs:
-        key = f"{rank_per}_s{seed}"
-        print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
-        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        model = attach_qdylora(copy.deepcopy(base), run_args, rank_per, seed)
-        arm = train_arm(key, model, tok, dataset, run_args)
-        model.eval()
-        if "base_loss" not in results:  # rank 0 everywhere: the base model alone
-            results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
-        allocs = allocate_all(model, calib, loss_calib, run_args, budgets, scores,
-                              loss_budgets if key == f"module_s{args.seed}" else [])
-        arm.pop("ranks_sampled", None)
-        results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
-                                "heldout": evaluate_run(model, held, allocs)}
-        save(results, out_dir)
-        del model
-    for r in sorted(lora_ranks):
-        print(f"== LoRA r={r}", flush=True)
-        model = attach_lora(copy.deepcopy(base), args, r)
-        arm = train_arm(f"lora_r{r}", model, tok, dataset, args)
-        model.eval()
-        arm.pop("ranks_sampled", None)
-        results["lora"][str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
-        print(f"  LoRA r={r}: held-out {results['lora'][str(r)]['heldout']:.4f}", flush=True)
+    # the main comparison first (main run, LoRA at the budgets up to 8), so a partial result already answers it
+    main_key = f"module_s{args.seed}"
+    arms = ([("qdylora", "module", args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
+            + [("qdylora", "step", args.seed, list(SCORES)), ("qdylora", "module", args.noise_seed, list(SCORES[1:]))]
+            + [("lora", r) for r in sorted(lora_ranks) if r > 8])
+    for arm_spec in arms:
+        if arm_spec[0] == "lora":
+            r = arm_spec[1]
+            print(f"== LoRA r={r}", flush=True)
+            model = attach_lora(copy.deepcopy(base), args, r)
+            arm = train_arm(f"lora_r{r}", model, tok, dataset, args)
+            model.eval()
+            arm.pop("ranks_sampled", None)
+            results["lora"][str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
+            print(f"  LoRA r={r}: held-out {results['lora'][str(r)]['heldout']:.4f}", flush=True)
+        else:
+            _, rank_per, seed, scores = arm_spec
+            key = f"{rank_per}_s{seed}"
+            print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
+            run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+            model = attach_qdylora(copy.deepcopy(base), run_args, rank_per, seed)
+            arm = train_arm(key, model, tok, dataset, run_args)
+            model.eval()
+            if "base_loss" not in results:  # rank 0 everywhere: the base model alone
+                results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
+            allocs = allocate_all(model, calib, loss_calib, run_args, budgets, scores,
+                                  loss_budgets if key == main_key else [])
+            arm.pop("ranks_sampled", None)
+            results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
+                                    "heldout": evaluate_run(model, held, allocs)}
+        results["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
+        results["summary"] = summarise(results)
         save(results, out_dir)
         del model
     results["complete"] = True
@@ -279,9 +285,8 @@ def summarise(res: dict) -> dict:
 def save(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{STEM}.json").write_text(json.dumps(results, indent=2))
-    if results.get("complete"):
-        (out_dir / f"{STEM}.md").write_text(markdown(results))
-        plot(results, out_dir / f"{STEM}.png")
+    (out_dir / f"{STEM}.md").write_text(markdown(results))
+    plot(results, out_dir / f"{STEM}.png")
 
 
 def _cell(v) -> str:
@@ -336,8 +341,10 @@ def markdown(res: dict) -> str:
             lm = [v for k, v in sorted(a["layer_mean_rank"].items(), key=lambda kv: int(kv[0]))]
             thirds = " / ".join(f"{sum(c) / len(c):.1f}" for c in (lm[:10], lm[10:20], lm[20:]) if c)
             lines.append(f"| {R} | {s} | {a['modules_off']} | {a['max_rank']} | {share} | {thirds} |")
-    lines += ["", f"Total wall time {res['total_seconds'] / 60:.1f} min (2 CPU cores shared with other jobs: "
-              "times are noisy).", ""]
+    done = res.get("total_seconds")
+    lines += ["", (f"Total wall time {done / 60:.1f} min" if done else
+                   f"PARTIAL: {res['elapsed_seconds'] / 60:.1f} min so far") +
+              " (2 CPU cores shared with other jobs: times are noisy).", ""]
     return "\n".join(lines)
 
 
