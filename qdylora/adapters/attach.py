@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -71,9 +71,16 @@ def qdylora_config_of(model: nn.Module) -> QDyLoRAConfig:
     return layers[0].qdylora_config
 
 
-def set_rank(model: nn.Module, rank: int | torch.Tensor) -> None:
-    """Use rank `rank` (int, or a tensor with one rank per batch element) in every DyLoRA layer."""
+def set_rank(model: nn.Module, rank: int | torch.Tensor | Mapping[str, int]) -> None:
+    """Use rank `rank` in every DyLoRA layer: an int, a tensor with one rank per batch element, or a
+    dict {module name (as in the base model): rank} where 0 switches a module's adapter off and the
+    modules not named keep their rank."""
     cfg = qdylora_config_of(model)
+    if isinstance(rank, Mapping):
+        layers = module_layers(model)
+        for name, r in check_module_ranks(rank, list(layers), cfg).items():
+            layers[name].set_rank(r)
+        return
     if isinstance(rank, torch.Tensor):
         for r in rank.reshape(-1).unique().tolist():
             cfg.check_rank(int(r))
@@ -81,6 +88,34 @@ def set_rank(model: nn.Module, rank: int | torch.Tensor) -> None:
         rank = cfg.check_rank(rank)
     for layer in dylora_layers(model):
         layer.set_rank(rank)
+
+
+def module_layers(model: nn.Module) -> dict[str, DyLoRALinear]:
+    """Module name (as in the base model) -> its DyLoRA layer, in module order."""
+    return {base_module_name(n): m for n, m in model.named_modules() if isinstance(m, DyLoRALinear)}
+
+
+def check_module_ranks(ranks: Mapping, names: Iterable[str], config: QDyLoRAConfig,
+                       where: str = "the rank pattern", complete: bool = False) -> dict[str, int]:
+    """{name: rank} checked against the adapted modules `names`: known names, ranks 0 or in [r_min, r_max],
+    and with `complete` a rank for every module."""
+    known = list(names)
+    unknown = [n for n in ranks if n not in set(known)]
+    if unknown:
+        raise ConfigError(f"{where} names {len(unknown)} module(s) this adapter does not have (e.g. {unknown[0]!s}); "
+                          f"use names as in the base model, e.g. {', '.join(known[:3])} ({len(known)} adapted in all)")
+    out = {}
+    for name, r in ranks.items():
+        ok = isinstance(r, int) and not isinstance(r, bool) and (r == 0 or config.r_min <= r <= config.r_max)
+        if not ok:
+            raise ConfigError(f"{where}: rank {r!r} for {name} is outside {{0}} and [{config.r_min}, {config.r_max}]; "
+                              f"use 0 (adapter off) or an integer between {config.r_min} and {config.r_max}")
+        out[name] = r
+    missing = [n for n in known if n not in out] if complete else []
+    if missing:
+        raise ConfigError(f"{where} gives no rank to {len(missing)} of the adapter's {len(known)} modules (e.g. "
+                          f"{missing[0]}); give every module a rank (0 switches one off)")
+    return out
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:

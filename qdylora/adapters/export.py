@@ -1,18 +1,31 @@
-"""Export one rank of a qdylora adapter as a plain peft LoRA that every LoRA consumer loads."""
+"""Export a qdylora adapter as a plain peft LoRA that every LoRA consumer loads: one rank, or one rank per module.
+
+DyLoRA scales module m at rank b_m by alpha / b_m; the formats keep exactly that:
+- `peft`: A[:b_m], B[:, :b_m], one lora_alpha = alpha and peft's rank_pattern {module: b_m}, so peft's
+  lora_alpha / r_m is alpha / b_m (modules at rank 0 are left out of target_modules);
+- `uniform`: every module padded with zero components to one rank R (the pattern's largest or
+  --pad-to) with B[:, :b_m] * R / b_m, so a consumer that reads only r and lora_alpha (vLLM,
+  llama.cpp's converter) computes (alpha / R) (R / b_m) B A = (alpha / b_m) B A, the same output.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
+import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
-from ..errors import AdapterError
+from ..errors import AdapterError, ConfigError
+from .attach import check_module_ranks
 from .files import adapter_config, read_adapter
 
 EXPORT_META_NAME = "qdylora_export.json"
+FORMATS = ("peft", "uniform")
 
 
 def _peft_target_names(paths: list[str]) -> list[str]:
@@ -34,33 +47,133 @@ def check_output(source: Path, output: Path, overwrite: bool, protect: Path | No
         raise FileExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite")
 
 
-def export_peft(adapter_dir: str | os.PathLike, rank: int, output: str | os.PathLike,
-                overwrite: bool = False, protect: str | os.PathLike | None = None) -> Path:
-    """Write a plain peft LoRA adapter of rank `rank` (A[:rank], B[:, :rank], lora_alpha = alpha).
+def export_format(fmt: str | None, pad_to: int | None) -> str:
+    """The format to write: as given, else 'uniform' when padding is asked for and 'peft' otherwise."""
+    if fmt is None:
+        return "uniform" if pad_to is not None else "peft"
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    if fmt == "peft" and pad_to is not None:
+        raise ConfigError("--pad-to pads every module to one rank, which is --format uniform; drop --format peft "
+                          "or --pad-to")
+    return fmt
 
-    `protect` is a folder the output must stay outside of (the run folder the adapter belongs to).
-    """
+
+def padded_rank(ranks: Mapping[str, int], pad_to: int | None) -> int:
+    """The uniform format's rank R: --pad-to, else the pattern's largest (refusing a --pad-to below it)."""
+    top = max(ranks.values())
+    if pad_to is None:
+        return top
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < top:
+        raise ConfigError(f"--pad-to {pad_to!r} is below the largest rank to export ({top}); pad to {top} or more "
+                          "(e.g. one of vLLM's max_lora_rank values 8, 16, 32, 64)")
+    return pad_to
+
+
+def pattern_tensors(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
+                    pad: int | None) -> dict[str, torch.Tensor]:
+    """peft's tensors: per module A[:b], B[:, :b]; with `pad`, zero components up to rank pad and B * pad / b."""
+    out = {}
+    for path, b in ranks.items():
+        A, B = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
+        if pad is None:
+            if b == 0:
+                continue
+            a_out, b_out = A[:b], B[:, :b]
+        else:
+            a_out = torch.zeros(pad, A.shape[1], dtype=A.dtype)
+            b_out = torch.zeros(B.shape[0], pad, dtype=B.dtype)
+            if b > 0:
+                a_out[:b] = A[:b]
+                b_out[:, :b] = B[:, :b] * (pad / b)
+        out[f"base_model.model.{path}.lora_A.weight"] = a_out.contiguous()
+        out[f"base_model.model.{path}.lora_B.weight"] = b_out.contiguous()
+    return out
+
+
+def _lora_config(meta: dict, alpha: float, ranks: Mapping[str, int], pad: int | None):
+    """peft's LoraConfig for the export: one r (padded) or r + rank_pattern (the modules that differ)."""
     from peft import LoraConfig
 
+    common = dict(lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                  base_model_name_or_path=meta["base_model"].get("name"))
+    if pad is not None:
+        return LoraConfig(r=pad, target_modules=_peft_target_names(list(ranks)), **common)
+    on = {m: b for m, b in ranks.items() if b > 0}
+    r = Counter(on.values()).most_common(1)[0][0]
+    # full names when some modules are off, so peft adapts exactly the modules that are on
+    targets = _peft_target_names(list(on)) if len(on) == len(ranks) else sorted(on)
+    return LoraConfig(r=r, target_modules=targets, rank_pattern={m: b for m, b in on.items() if b != r}, **common)
+
+
+def write_export(adapter_dir: str | os.PathLike, meta: dict, tensors: Mapping[str, torch.Tensor],
+                 ranks: Mapping[str, int] | int, output: str | os.PathLike, fmt: str | None = None,
+                 pad_to: int | None = None, overwrite: bool = False, protect: str | os.PathLike | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write a read adapter (meta, tensors) at one rank (int) or a rank per module ({module: rank}, every
+    module) as a peft LoRA; see export_ranks. Every input is checked before anything is written."""
     output = Path(output)
-    meta, tensors = read_adapter(adapter_dir)
     cfg = adapter_config(meta, str(adapter_dir))
-    rank = cfg.check_rank(rank)
-    check_output(Path(adapter_dir), output, overwrite, Path(protect) if protect else None)
     targets = list(meta["targets"])
-    peft_tensors = {}
-    for path in targets:
-        A, B = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
-        peft_tensors[f"base_model.model.{path}.lora_A.weight"] = A[:rank].contiguous()
-        peft_tensors[f"base_model.model.{path}.lora_B.weight"] = B[:, :rank].contiguous()
-    names = _peft_target_names(targets)
-    lora = LoraConfig(r=rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=names,
-                      bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=meta["base_model"].get("name"))
+    fmt = export_format(fmt, pad_to)
+    if isinstance(ranks, Mapping):
+        ranks = check_module_ranks(ranks, targets, cfg, complete=True)
+        ranks = {t: ranks[t] for t in targets}
+    else:
+        ranks = dict.fromkeys(targets, cfg.check_rank(ranks))
+    if not any(ranks.values()):
+        raise ConfigError("the rank pattern switches every module off; there is no adapter to export")
+    pad = padded_rank(ranks, pad_to) if fmt == "uniform" else None
+    check_output(Path(adapter_dir), output, overwrite, Path(protect) if protect else None)
+    lora = _lora_config(meta, cfg.alpha, ranks, pad)
+    peft_tensors = pattern_tensors(tensors, ranks, pad)
+    params = sum(b * (tensors[f"{m}.lora_A"].shape[1] + tensors[f"{m}.lora_B"].shape[0]) for m, b in ranks.items())
+    info = {"format": fmt, "pad_to": pad, "ranks": ranks, "params": int(params),
+            "source": str(Path(adapter_dir).resolve()), "qdylora": meta["qdylora"], "base_model": meta["base_model"],
+            **(extra or {})}
     with atomic_dir(output) as tmp:
         lora.save_pretrained(str(tmp))
         save_file(peft_tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / EXPORT_META_NAME).write_text(json.dumps(
-            {"exported_rank": rank, "scale": cfg.alpha / rank, "source": str(Path(adapter_dir).resolve()),
-             "qdylora": meta["qdylora"], "base_model": meta["base_model"]}, indent=2) + "\n")
+        (tmp / EXPORT_META_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return output
+
+
+def export_ranks(adapter_dir: str | os.PathLike, ranks: Mapping[str, int] | int, output: str | os.PathLike,
+                 fmt: str | None = None, pad_to: int | None = None, overwrite: bool = False,
+                 protect: str | os.PathLike | None = None) -> Path:
+    """Write the adapter at one rank (int) or at a rank per module ({module: rank}, every module) as a peft LoRA.
+
+    `fmt` 'peft' (rank_pattern) or 'uniform' (zero-padded to `pad_to` or the largest rank, scales folded
+    into B); `protect` is a folder the output must stay outside of (the run folder of the adapter).
+    """
+    meta, tensors = read_adapter(adapter_dir)
+    return write_export(adapter_dir, meta, tensors, ranks, output, fmt, pad_to, overwrite, protect)
+
+
+def export_peft(adapter_dir: str | os.PathLike, rank: int, output: str | os.PathLike,
+                overwrite: bool = False, protect: str | os.PathLike | None = None,
+                pad_to: int | None = None) -> Path:
+    """Write a plain peft LoRA adapter of rank `rank` (A[:rank], B[:, :rank], lora_alpha = alpha);
+    with `pad_to`, zero-padded to that rank with the scale ratio folded into B.
+
+    `protect` is a folder the output must stay outside of (the run folder the adapter belongs to).
+    """
+    meta, tensors = read_adapter(adapter_dir)
+    cfg = adapter_config(meta, str(adapter_dir))
+    rank = cfg.check_rank(rank)
+    return write_export(adapter_dir, meta, tensors, rank, output, None, pad_to, overwrite, protect,
+                        extra={"exported_rank": rank, "scale": cfg.alpha / rank})
+
+
+def export_pattern(adapter_dir: str | os.PathLike, pattern, output: str | os.PathLike, fmt: str | None = None,
+                   pad_to: int | None = None, overwrite: bool = False,
+                   protect: str | os.PathLike | None = None) -> Path:
+    """Write a rank pattern (a RankPattern, or the path of its JSON file) of the adapter as a peft LoRA."""
+    from ..allocate.pattern import RankPattern, check_pattern, costs_from_tensors, read_pattern
+
+    if not isinstance(pattern, RankPattern):
+        pattern = read_pattern(pattern)
+    meta, tensors = read_adapter(adapter_dir)
+    check_pattern(pattern, costs_from_tensors(list(meta["targets"]), tensors), adapter_config(meta, str(adapter_dir)))
+    return write_export(adapter_dir, meta, tensors, pattern.ranks, output, fmt, pad_to, overwrite, protect,
+                        extra={"pattern": pattern.path, "score": pattern.score, "budget": pattern.budget})

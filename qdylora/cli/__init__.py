@@ -10,9 +10,9 @@ import argparse
 import os
 import sys
 
-from . import export, plan, sweep, train
+from . import allocate, export, plan, sweep, train
 
-COMMANDS = (train, export, sweep, plan)
+COMMANDS = (train, export, sweep, plan, allocate)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -38,19 +38,23 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="pad batches on this side (default: the tokenizer's); results are the same either way")
     p.add_argument("--no-base", action="store_true", help="skip the base-model reference row")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing k-shot examples (default 0)")
+    p.add_argument("--rank-pattern", default=None, metavar="P1.json,P2.json",
+                   help="rank-pattern files (from `qdylora allocate`) to evaluate beside the ranks; the plot then "
+                        "shows the metric against adapter parameters")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a sweep from parsed arguments; prints the table and where the files went."""
+    from ..allocate.pattern import split_paths
     from ..eval.sweep import parse_ranks, sweep
 
     ranks = parse_ranks(args.ranks) if args.ranks is not None else None
     result = sweep(args.adapter_dir, ranks, task=args.task, data=args.data, shots=args.shots,
                    limit=args.limit, batch_size=args.batch_size, batched_ranks=args.batched_ranks, model=args.model,
                    output=args.output, include_base=not args.no_base, max_seq_len=args.max_seq_len,
-                   seed=args.seed, padding_side=args.padding_side)
+                   seed=args.seed, padding_side=args.padding_side, patterns=split_paths(args.rank_pattern))
     print(result.table())
     print(f"total {result.total_seconds:.1f} s; wrote " + ", ".join(result.settings.get("files", [])))
     return 0

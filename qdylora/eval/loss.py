@@ -48,6 +48,30 @@ def encode_records(records: Sequence[dict], tokenizer, max_seq_len: int) -> list
     return out
 
 
+def response_sums(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[rows, 3]: per row the summed NLL of the response tokens, their count, and how many argmax predicts.
+
+    Differentiable in the NLL column when gradients are enabled.
+    """
+    target = labels[:, 1:]  # token t+1 is predicted at position t
+    # a label counts only if a real token predicts it: with left padding the first token's
+    # label would otherwise be "predicted" from a pad position
+    valid = (target != IGNORE_INDEX) & mask[:, :-1].bool()
+    # the LM head runs only from the first position that predicts a response token
+    first = int(valid.float().argmax(dim=1).min())
+    logits = forward_logits(model, ids, mask, keep=ids.shape[1] - first)
+    offset = ids.shape[1] - logits.shape[1]
+    pred_logits = logits[:, first - offset: ids.shape[1] - 1 - offset]
+    tgt, val = target[:, first:], valid[:, first:]
+    sel = pred_logits[val].float()  # [n_response_tokens, vocab]
+    nll = F.cross_entropy(sel, tgt[val], reduction="none")
+    hit = (sel.argmax(-1) == tgt[val]).float()
+    row = val.nonzero()[:, 0]
+    sums = torch.zeros(ids.shape[0], 3, device=ids.device)
+    sums = sums.index_add(0, row, torch.stack([nll, torch.ones_like(nll), hit], dim=1))
+    return sums
+
+
 def evaluate_examples(model: nn.Module, tokenizer, examples: Sequence[dict[str, list[int]]],
                       ranks: Sequence[int] | None = None, batch_size: int = 4, batched_ranks: bool = False,
                       padding_side: str | None = None, progress=True, desc: str = "loss") -> dict[int | None, LossResult]:
@@ -69,27 +93,7 @@ def evaluate_examples(model: nn.Module, tokenizer, examples: Sequence[dict[str, 
             labels, _ = pad_batch([examples[i]["labels"] for i in batch], IGNORE_INDEX, side, device)
 
             def fn(ids_, mask_):
-                lab = labels.repeat(ids_.shape[0] // labels.shape[0], 1)
-                target = lab[:, 1:]  # token t+1 is predicted at position t
-                # a label counts only if a real token predicts it: with left padding the first token's
-                # label would otherwise be "predicted" from a pad position
-                valid = (target != IGNORE_INDEX) & mask_[:, :-1].bool()
-                # the LM head runs only from the first position that predicts a response token
-                first = int(valid.float().argmax(dim=1).min())
-                logits = forward_logits(model, ids_, mask_, keep=ids_.shape[1] - first)
-                offset = ids_.shape[1] - logits.shape[1]
-                pred_logits = logits[:, first - offset: ids_.shape[1] - 1 - offset]
-                tgt, val = target[:, first:], valid[:, first:]
-                sel = pred_logits[val].float()  # [n_response_tokens, vocab]
-                nll = F.cross_entropy(sel, tgt[val], reduction="none")
-                hit = (sel.argmax(-1) == tgt[val]).float()
-                row = val.nonzero()[:, 0]
-                n = ids_.shape[0]
-                sums = torch.zeros(n, 3, device=ids_.device)
-                sums[:, 0].index_add_(0, row, nll)
-                sums[:, 1].index_add_(0, row, torch.ones_like(nll))
-                sums[:, 2].index_add_(0, row, hit)
-                return sums.cpu()
+                return response_sums(model, ids_, mask_, labels.repeat(ids_.shape[0] // labels.shape[0], 1)).cpu()
 
             for r, out in run_ranks(model, ids, mask, ranks, batched_ranks, fn, seconds).items():
                 for j, i in enumerate(batch):

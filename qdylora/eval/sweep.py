@@ -17,7 +17,7 @@ TASKS = ("mmlu", "loss", "default")
 # what the "accuracy" column means for each task
 ACCURACY_OF = {"mmlu": "accuracy over questions (micro)", "loss": "next-token accuracy on response tokens",
                "default": "exact match"}
-COLUMNS = ("rank", "label", "accuracy", "accuracy_macro", "loss", "perplexity", "n", "seconds")
+COLUMNS = ("rank", "label", "accuracy", "accuracy_macro", "loss", "perplexity", "n", "seconds", "params")
 
 
 @dataclass
@@ -65,8 +65,70 @@ class SweepResult:
             w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.rows)
-        plot_sweep(self, stem.with_suffix(".png"))
+        (plot_params if any(r.get("pattern") for r in self.rows) else plot_sweep)(self, stem.with_suffix(".png"))
         return [stem.with_suffix(s) for s in (".json", ".csv", ".png")]
+
+
+def read_sweep_patterns(meta: dict, tensors: dict, cfg, paths: Sequence[str] | None) -> list:
+    """The rank-pattern files of a sweep, read and checked against the adapter (before any model loads)."""
+    if not paths:
+        return []
+    from ..allocate.pattern import costs_from_tensors, load_patterns
+
+    return load_patterns(list(paths), costs_from_tensors(list(meta["targets"]), tensors), cfg)
+
+
+def add_pattern_rows(result: SweepResult, model: nn.Module, tokenizer, items: list, patterns: list, **kwargs) -> None:
+    """Evaluate each rank pattern (rows labelled by file name) and give every row its adapter parameters."""
+    from ..adapters.attach import module_layers, set_rank
+    from .common import ranks_restored
+
+    costs = {n: layer.in_features + layer.out_features for n, layer in module_layers(model).items()}
+    for row in result.rows:
+        row["params"] = (row["rank"] or 0) * sum(costs.values())
+    t0 = time.perf_counter()
+    with ranks_restored(model):
+        for pattern in patterns:
+            set_rank(model, pattern.ranks)
+            rows, per_subject = evaluate_ranks(model, tokenizer, result.task, items, None, **kwargs)
+            for row in rows:
+                row.update(label=pattern.name, pattern=pattern.path, params=pattern.params, rank=None)
+                result.rows.append(row)
+            if per_subject:
+                result.per_subject[pattern.name] = next(iter(per_subject.values()))
+    result.settings["patterns"] = [p.path for p in patterns]
+    result.total_seconds = round(result.total_seconds + time.perf_counter() - t0, 3)
+
+
+def plot_params(result: SweepResult, path: str | Path) -> None:
+    """Accuracy and loss against adapter parameters: uniform ranks as a line, rank patterns as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = [r for r in result.rows if r.get("rank") not in (None, BASE_RANK)]
+    patterns = [r for r in result.rows if r.get("pattern")]
+    base = next((r for r in result.rows if r.get("rank") == BASE_RANK), None)
+    metrics = [("accuracy", ACCURACY_OF[result.task]), ("loss", "loss" if result.task != "mmlu" else "answer-letter loss")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, metrics):
+        ax.plot([r["params"] for r in ranked], [r[key] for r in ranked], "o-", label="uniform rank r")
+        for r in ranked:
+            ax.annotate(str(r["rank"]), (r["params"], r[key]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for r in patterns:
+            ax.plot([r["params"]], [r[key]], "*", markersize=11, label=f"pattern {r['label']}")
+        if base is not None:
+            ax.axhline(base[key], color="gray", linestyle="--", label="base model (no adapter)")
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"task {result.task}: uniform ranks and rank patterns, {Path(result.adapter).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> None:
@@ -237,9 +299,10 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
           shots: int = 0, limit: int | None = None, batch_size: int = 8, batched_ranks: bool = False,
           model: str | None = None, output: str | Path | None = None, include_base: bool = True,
           max_seq_len: int = 512, seed: int = 0, padding_side: str | None = None, progress=True,
-          save: bool = True) -> SweepResult:
+          save: bool = True, patterns: Sequence[str] | None = None) -> SweepResult:
     """Load base + adapter, evaluate every rank (default: powers of two and r_max) and the base, write
-    sweep_<task>.json/.csv/.png to `output` (default: the adapter folder)."""
+    sweep_<task>.json/.csv/.png to `output` (default: the adapter folder); rank-pattern files in
+    `patterns` are evaluated beside the ranks (the plot then shows the metric against parameters)."""
     from ..adapters.files import adapter_config, load_adapter, read_adapter
     from ..load.model import load_model_and_tokenizer
     from ..train.run_folder import find_adapter
@@ -247,8 +310,9 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
     check_task(task)
     output = output or adapter_dir
     adapter_dir, _ = find_adapter(adapter_dir)
-    meta, _ = read_adapter(adapter_dir)
+    meta, tensors = read_adapter(adapter_dir)
     cfg = adapter_config(meta, str(adapter_dir))
+    loaded_patterns = read_sweep_patterns(meta, tensors, cfg, patterns)
     ranks = sorted(set(int(r) for r in (cfg.power_of_two_ranks() if ranks is None else ranks)) - {BASE_RANK})
     if not ranks:
         raise ConfigError("no ranks to evaluate; give at least one, e.g. --ranks 1,8,64")
@@ -261,6 +325,9 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
     result = sweep_model(peft_model, tokenizer, ranks, task, data, shots, limit, batch_size, batched_ranks,
                          include_base, max_seq_len, seed, padding_side, progress,
                          adapter=str(adapter_dir), base_model=base_name, items=items)
+    if loaded_patterns:
+        add_pattern_rows(result, peft_model, tokenizer, items, loaded_patterns, shots=shots, seed=seed,
+                         batch_size=batch_size, max_seq_len=max_seq_len, padding_side=padding_side, progress=progress)
     if save:
         result.settings["files"] = [str(p) for p in result.save(output)]
     return result

@@ -1,0 +1,253 @@
+"""Scores of every component of every module: how much the calibration loss gains from keeping it.
+
+Every score is measured around a reference: all modules at one rank R (the uniform rank of the
+budget). Each returns a ScoreTable of gains g[m, k] for component k of module m (given components
+< k); the greedy allocation compares them per adapter value. With A [r_max, in], B [out, r_max],
+scale s = alpha / R and gA = dL/dA, gB = dL/dB the gradients of the mean calibration loss at the
+reference (for components >= R: the gradient they would get if switched on at scale s):
+
+- loss:     g[m, k] = (L_m(r_i) - L_m(r_{i+1})) / (r_{i+1} - r_i) for r_i <= k < r_{i+1}, where L_m(r) is the
+            measured calibration loss with module m at rank r and every other module at R, for r on a
+            grid of ranks (0, the powers of two, r_max); module m may take the grid's ranks only.
+- taylor:   g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| (AdaLoRA's |p * dL/dp| sensitivity,
+            summed over the component; one backward pass), where a component k >= R takes its gradient at
+            the scale alpha / (k + 1) it runs at as the last component of rank k + 1, not at alpha / R.
+- norm:     g[m, k] = ||B[:, k]|| ||A[k]|| / ||B A||_F (the component's share of the update; data-free).
+- gradnorm: G_m = sqrt(||gA[:n]||^2 + ||gB[:, :n]||^2) with n = min(r_max, 2R) (HeteroLoRA's GRAD-NORM): a
+            module is off or on at rank n as a whole, g[m, k] = G_m / n for k < n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters.attach import module_layers, qdylora_config_of
+from ..eval.common import ranks_restored
+from ..eval.loss import response_sums
+from .calib import CalibBatch, PrefixCache, batch_losses, configs_per_pass
+from .greedy import ScoreTable, default_allowed
+
+SCORES = ("loss", "taylor", "norm", "gradnorm")
+
+
+def loss_grid(r_min: int, r_max: int, reference: int) -> list[int]:
+    """The ranks the loss score measures: 0, r_min, the powers of two, r_max and the reference."""
+    return sorted({0, r_min, r_max, reference} | {2 ** i for i in range(20) if r_min <= 2 ** i <= r_max})
+
+
+def _costs(layers: Sequence[nn.Module]) -> list[int]:
+    return [layer.in_features + layer.out_features for layer in layers]
+
+
+def _factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    A, B = layer.factors()
+    return A.float(), B.float()
+
+
+@torch.no_grad()
+def norm_scores(model: nn.Module) -> ScoreTable:
+    """g[m, k] = ||B[:, k]|| ||A[k]|| / ||B A||_F (data-free)."""
+    layers = module_layers(model)
+    cfg = qdylora_config_of(model)
+    rows = []
+    for layer in layers.values():
+        A, B = _factors(layer)
+        frob = float(((A @ A.t()) * (B.t() @ B)).sum().clamp(min=0).sqrt())
+        share = B.norm(dim=0) * A.norm(dim=1)
+        rows.append(share / frob if frob > 0 else torch.zeros_like(share))
+    return ScoreTable(list(layers), torch.stack(rows).double(), _costs(list(layers.values())),
+                      [default_allowed(cfg)] * len(layers), "norm")
+
+
+@contextlib.contextmanager
+def _adapters_differentiable(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Adapter tensors require grad inside (so layer outputs carry gradients); grads and flags restored after."""
+    params = [p for layer in layers for p, _ in layer.component_axes()]
+    saved = [(p.requires_grad, p.grad) for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        yield
+    finally:
+        for p, (flag, grad) in zip(params, saved):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], reference: int,
+                        bar=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (gA [r_max, in], gB [out, r_max])}: gradients of the mean calibration loss at rank `reference`
+    everywhere, for all r_max components (those >= reference as if switched on at scale alpha / reference)."""
+    layers = module_layers(model)
+    cfg = qdylora_config_of(model)
+    scale = cfg.alpha / reference
+    grads = {}
+    factors = {}
+    for name, layer in layers.items():
+        A, B = _factors(layer)
+        factors[name] = (A, B)
+        grads[name] = (torch.zeros_like(A), torch.zeros_like(B))
+
+    def capture(name):
+        def hook(_module, args, output):
+            x = args[0].detach()
+
+            def on_grad(dy):
+                A, B = factors[name]
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                dy2 = dy.reshape(-1, dy.shape[-1]).float()
+                grads[name][0].add_(scale * (dy2 @ B).t() @ x2)
+                grads[name][1].add_(scale * dy2.t() @ (x2 @ A.t()))
+            output.register_hook(on_grad)
+        return hook
+
+    total = sum(b.tokens for b in batches)
+    with ranks_restored(model), _adapters_differentiable(list(layers.values())), torch.enable_grad():
+        for layer in layers.values():
+            layer.set_rank(reference)
+        handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+        try:
+            for batch in batches:
+                loss = response_sums(model, batch.ids, batch.mask, batch.labels)[:, 0].sum() / total
+                loss.backward()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            for h in handles:
+                h.remove()
+    return grads
+
+
+def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
+                  grads: dict | None = None) -> ScoreTable:
+    """g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| at the reference (`grads`: reference_gradients
+    already computed at it)."""
+    layers = module_layers(model)
+    grads = grads or reference_gradients(model, batches, reference, bar)
+    cfg = qdylora_config_of(model)
+    k = torch.arange(cfg.r_max)
+    # gradients came at scale alpha / reference; components >= reference run at alpha / (k + 1) at the most
+    rescale = torch.where(k < reference, 1.0, reference / (k + 1.0))
+    rows = []
+    for name, layer in layers.items():
+        A, B = _factors(layer)
+        gA, gB = grads[name]
+        rows.append(((A * gA).abs().sum(1) + (B * gB).abs().sum(0)) * rescale)
+    return ScoreTable(list(layers), torch.stack(rows).double(), _costs(list(layers.values())),
+                      [default_allowed(cfg)] * len(layers), "taylor", {"reference": reference})
+
+
+def gradnorm_on_rank(r_max: int, reference: int) -> int:
+    """The rank a module switched on by gradnorm gets: twice the reference, so about half the modules fit."""
+    return min(r_max, 2 * reference)
+
+
+def gradnorm_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
+                    grads: dict | None = None) -> ScoreTable:
+    """Per module G_m = ||(gA[:n], gB[:, :n])|| at the reference; the module is off or on at rank n."""
+    layers = module_layers(model)
+    cfg = qdylora_config_of(model)
+    n = gradnorm_on_rank(cfg.r_max, reference)
+    grads = grads or reference_gradients(model, batches, reference, bar)
+    gains = torch.zeros(len(layers), cfg.r_max, dtype=torch.float64)
+    for i, name in enumerate(layers):
+        gA, gB = grads[name]
+        gains[i, :n] = float((gA[:n].pow(2).sum() + gB[:, :n].pow(2).sum()).sqrt()) / n
+    return ScoreTable(list(layers), gains, _costs(list(layers.values())), [[0, n]] * len(layers), "gradnorm",
+                      {"reference": reference, "on_rank": n})
+
+
+@torch.no_grad()
+def loss_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, grid: Sequence[int] | None = None,
+                bar=None) -> ScoreTable:
+    """Measured loss of every module truncated to every grid rank with the others at the reference (see module doc).
+
+    All truncations of a batch run in passes of several configurations (per-row ranks); a truncation in
+    decoder block l starts from the reference's recorded output of block l - 1.
+    """
+    layers = module_layers(model)
+    names, mods = list(layers), list(layers.values())
+    cfg = qdylora_config_of(model)
+    grid = sorted(set(grid or loss_grid(cfg.r_min, cfg.r_max, reference)) | {reference})
+    others = [g for g in grid if g != reference]
+    configs = torch.full((len(names) * len(others), len(names)), reference, dtype=torch.long)
+    for m in range(len(names)):
+        configs[m * len(others):(m + 1) * len(others), m] = torch.tensor(others)
+    cache = PrefixCache(model, names)
+    by_block: dict[int, list[int]] = {}
+    for c in range(configs.shape[0]):
+        by_block.setdefault(cache.block_of(c // len(others)), []).append(c)
+    nll = torch.zeros(configs.shape[0], dtype=torch.float64)
+    count = torch.zeros_like(nll)
+    ref_nll = ref_count = 0.0
+    passes = 0
+    ref_config = torch.full((1, len(names)), reference, dtype=torch.long)
+    with ranks_restored(model):
+        for batch in batches:
+            with cache.record():
+                a, b = batch_losses(model, batch, ref_config, mods)
+            ref_nll, ref_count, passes = ref_nll + float(a[0]), ref_count + float(b[0]), passes + 1
+            step = configs_per_pass(batch)
+            for block, idx in sorted(by_block.items()):
+                for s in range(0, len(idx), step):
+                    chunk = idx[s:s + step]
+                    with cache.start_at(block, len(chunk)):
+                        a, b = batch_losses(model, batch, configs[chunk], mods)
+                    nll[chunk] += a
+                    count[chunk] += b
+                    passes += 1
+                    if bar is not None:
+                        bar.update(len(chunk))
+    losses = (nll / count.clamp(min=1)).reshape(len(names), len(others))
+    ref_loss = ref_nll / max(ref_count, 1.0)
+    gains = torch.zeros(len(names), cfg.r_max, dtype=torch.float64)
+    for m in range(len(names)):
+        at = {g: float(losses[m, i]) for i, g in enumerate(others)} | {reference: ref_loss}
+        for lo, hi in zip(grid, grid[1:]):
+            gains[m, lo:hi] = (at[lo] - at[hi]) / (hi - lo)
+    info = {"reference": reference, "grid": grid, "reference_loss": ref_loss, "passes": passes,
+            "truncations": int(configs.shape[0]), "losses": {n: dict(zip(others, losses[i].tolist()))
+                                                             for i, n in enumerate(names)}}
+    return ScoreTable(names, gains, _costs(mods), [list(grid)] * len(names), "loss", info)
+
+
+def score_work(score: str, batches: Sequence[CalibBatch], n_modules: int, grid_size: int) -> int:
+    """Units of work a score's progress bar counts (batches, or configurations x batches for loss)."""
+    if score == "norm":
+        return 0
+    if score == "loss":
+        return len(batches) * n_modules * (grid_size - 1)
+    return len(batches)
+
+
+def compute_scores(score: str, model: nn.Module, batches: Sequence[CalibBatch], reference: int,
+                   grid: Sequence[int] | None = None, progress: bool = True) -> ScoreTable:
+    """The ScoreTable of `score` (one of SCORES) at the reference rank, timed, with a progress bar."""
+    if score not in SCORES:
+        raise ValueError(f"score {score!r}; use one of {', '.join(SCORES)}")
+    cfg = qdylora_config_of(model)
+    size = len(sorted(set(grid or loss_grid(cfg.r_min, cfg.r_max, reference)) | {reference}))
+    work = score_work(score, batches, len(module_layers(model)), size)
+    bar = tqdm(total=work, desc=f"score {score}", dynamic_ncols=True) if progress and work else None
+    t0 = time.perf_counter()
+    try:
+        if score == "norm":
+            table = norm_scores(model)
+        elif score == "taylor":
+            table = taylor_scores(model, batches, reference, bar)
+        elif score == "gradnorm":
+            table = gradnorm_scores(model, batches, reference, bar)
+        else:
+            table = loss_scores(model, batches, reference, grid, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    table.info["seconds"] = time.perf_counter() - t0
+    return table

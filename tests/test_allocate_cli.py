@@ -1,0 +1,116 @@
+"""`qdylora allocate` end to end on a tiny trained run, the pattern through export and sweep, and every bad input
+as one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import error_line
+
+from qdylora.cli import main
+
+# tiny Llama: per layer q 64+64, k 64+32, v 64+32, o 64+64, gate/up 64+128, down 128+64; 2 layers
+COST = 2 * (128 + 96 + 96 + 128 + 192 * 3)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("d")
+    data = d / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"count to {i}", "output": " ".join(map(str, range(i)))})
+                              for i in range(2, 10)))
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps",
+                 "2", "--r-max", "8", "--batch-size", "2", "--optim", "adamw_torch", "--update", "nested",
+                 "--lr", "1e-2", "--sweep-ranks", ""]) == 0
+    return out, data
+
+
+@pytest.mark.parametrize("score", ["taylor", "norm", "gradnorm", "loss"])
+def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
+    out, data = run
+    pattern = tmp_path / "p.json"
+    assert main(["allocate", str(out), "--avg-rank", "2", "--data", str(data), "--output", str(pattern), "--score",
+                 score, "--limit", "2"]) == 0
+    text = capsys.readouterr().out
+    p = json.loads(pattern.read_text())
+    assert set(p) == {"ranks", "params", "budget", "score", "source"} and p["score"] == score
+    assert p["budget"] == {"params": 2 * COST, "avg_rank": 2.0}
+    assert len(p["ranks"]) == 14 and all(r in range(9) for r in p["ranks"].values())
+    assert p["params"] <= 2 * COST
+    assert p["source"]["uniform_rank"] == 2 and p["source"]["calibration_examples"] == 2
+    for line in ("ranks per module type x layer", "self_attn.q_proj", "mlp.down_proj", "of a budget of 4,096",
+                 "calibration loss: pattern", "uniform rank 2"):
+        assert line in text, text
+    if score == "gradnorm":
+        assert set(p["ranks"].values()) <= {0, 4}
+
+
+def test_pattern_through_export_and_sweep(run, tmp_path, capsys):
+    out, data = run
+    p1, p2 = tmp_path / "p1.json", tmp_path / "p2.json"
+    assert main(["allocate", str(out), "--params", "900", "--data", str(data), "--output", str(p1), "--limit", "2"]) == 0
+    assert main(["allocate", str(out), "--avg-rank", "4", "--data", str(data), "--output", str(p2), "--limit", "2",
+                 "--score", "norm"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--rank-pattern", str(p1), "--output", str(tmp_path / "e")]) == 0
+    assert main(["sweep", str(out), "--task", "loss", "--data", str(data), "--ranks", "1,4",
+                 "--rank-pattern", f"{p1},{p2}", "--output", str(tmp_path / "sw")]) == 0
+    res = json.loads((tmp_path / "sw" / "sweep_loss.json").read_text())
+    rows = {r["label"]: r for r in res["rows"]}
+    assert set(rows) == {"base", "1", "4", "p1", "p2"}
+    assert rows["4"]["params"] == 4 * COST and rows["base"]["params"] == 0
+    assert rows["p1"]["params"] == json.loads(p1.read_text())["params"] <= 900
+    assert rows["p2"]["pattern"] == str(p2) and rows["p2"]["rank"] is None
+    assert (tmp_path / "sw" / "sweep_loss.png").stat().st_size > 0
+    assert "p1" in (tmp_path / "sw" / "sweep_loss.csv").read_text()
+
+
+BAD = [
+    (["--avg-rank", "-1"], "--avg-rank -1.0 must be a number in (0, 8]"),
+    (["--avg-rank", "0"], "--avg-rank 0.0 must be a number in (0, 8]"),
+    (["--avg-rank", "9"], "--avg-rank 9.0 must be a number in (0, 8] (r_max"),
+    (["--params", "-5"], "--params -5 must be an integer in [1, 16384]"),
+    (["--params", "16385"], "--params 16385 must be an integer in [1, 16384] (the largest adapter"),
+    (["--avg-rank", "2", "--params", "5"], "not allowed with argument"),
+    (["--avg-rank", "nan"], "must be a number in (0, 8]"),
+    (["--avg-rank", "2", "--limit", "0"], "--limit 0 must be an integer >= 1"),
+    (["--avg-rank", "2", "--score", "random"], "invalid choice: 'random'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_allocate_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, args, message):
+    out, data = run
+    pattern = tmp_path / "p.json"
+    assert main(["allocate", str(out), "--data", str(data), "--output", str(pattern)] + args) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not pattern.exists()
+
+
+def test_allocate_refuses_bad_outputs_and_data(run, tmp_path, capsys):
+    out, data = run
+    base = ["allocate", str(out), "--avg-rank", "2", "--limit", "2"]
+    existing = tmp_path / "keep.json"
+    existing.write_text("keep")
+    cases = [(["--data", str(data), "--output", str(existing)], "already exists; choose another --output or pass --overwrite"),
+             (["--data", str(data), "--output", str(tmp_path)], "is a folder; give a file path"),
+             (["--data", str(data), "--output", str(out / "adapter" / "p.json")], "lies inside the adapter folder"),
+             (["--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "p.json")], "does not exist"),
+             (["--output", str(tmp_path / "p.json")], "the following arguments are required: --data")]
+    for args, message in cases:
+        assert main(base + args) == 2
+        assert message in error_line(capsys.readouterr().err)
+    assert existing.read_text() == "keep" and not (tmp_path / "p.json").exists()
+    assert not (out / "adapter" / "p.json").exists()
+
+
+def test_sweep_refuses_a_bad_pattern_before_loading(run, tmp_path, capsys):
+    out, data = run
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"ranks": {"model.layers.0.self_attn.q_proj": 2, "lm_head": 1}}))
+    assert main(["sweep", str(out), "--task", "loss", "--data", str(data), "--ranks", "1",
+                 "--rank-pattern", str(p), "--output", str(tmp_path / "sw")]) == 2
+    assert "does not have (e.g. lm_head)" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "sw").exists()
