@@ -7,6 +7,7 @@ steps, batch_size, max_seq_len, warmup_steps, work_dir.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
@@ -21,6 +22,25 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def add_arm_args(p: argparse.ArgumentParser) -> None:
+    """The options every Alpaca benchmark shares: data, split, optimisation, ranks, evaluation batch, threads."""
+    p.add_argument("--alpaca", default=str(SHARED / "alpaca" / "alpaca_5000.json"))
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha of every arm (scale alpha / r)")
+    p.add_argument("--r-max", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of every arm's (first) run")
+    p.add_argument("--heldout", type=int, default=64, help="held-out Alpaca examples (split off before training)")
+    p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="ranks every QDyLoRA / truncated arm is evaluated at")
+    p.add_argument("--lora-ranks", default="1,4,16,64", help="separate peft LoRA runs (must include r_max)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="items per forward (x ranks when batched)")
+    # one thread: on a shared 2-core machine two OpenMP threads per process spin against other
+    # processes and run 5-8x slower than one; set 2 on an idle machine
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def ints(text: str) -> list[int]:

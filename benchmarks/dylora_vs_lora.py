@@ -27,37 +27,23 @@ from pathlib import Path
 
 import torch
 
-from alpaca_arms import (RESULTS, SHARED, attach_lora, attach_qdylora, fresh_base, ints, lora_to_qdylora,
-                         split_alpaca, train_arm)
+from alpaca_arms import (RESULTS, SHARED, add_arm_args, attach_lora, attach_qdylora, fresh_base, ints,
+                         lora_to_qdylora, split_alpaca, train_arm)
 
 STEM = "dylora_vs_lora"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--alpaca", default=str(SHARED / "alpaca" / "alpaca_5000.json"))
+    add_arm_args(p)
     p.add_argument("--mmlu", default=str(SHARED / "mmlu" / "zero_shot_mmlu_val.jsonl"))
     p.add_argument("--steps", type=int, default=80, help="optimizer steps of every training run")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha of every arm (scale alpha / r)")
-    p.add_argument("--r-max", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout", type=int, default=64, help="held-out Alpaca examples (split off before training)")
     p.add_argument("--mmlu-limit", type=int, default=57, help="MMLU-val questions (round-robin over subjects)")
-    p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="ranks evaluated for (a) and (b)")
-    p.add_argument("--lora-ranks", default="1,4,16,64", help="separate peft LoRA runs (c)")
     p.add_argument("--updates", default="frozen,nested",
                    help="QDyLoRA update modes to train; the first runs before the LoRA arms, the rest after them")
-    p.add_argument("--eval-batch-size", type=int, default=4, help="items per forward (x ranks when batched)")
     p.add_argument("--speedup-items", type=int, default=16, help="MMLU questions for the batched-ranks timing")
     p.add_argument("--work-dir", default="/tmp/qdylora_dylora_vs_lora", help="training runs (deleted at the end)")
     p.add_argument("--output", default=str(RESULTS))
-    # one thread: on a shared 2-core machine two OpenMP threads per process spin against other
-    # processes and run 5-8x slower than one (measured here); set 2 on an idle machine
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--measure", action="store_true", help="time 3 steps and a small eval, print an estimate, exit")
     return p.parse_args(argv)
 

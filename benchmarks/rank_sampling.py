@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from alpaca_arms import (RESULTS, SHARED, attach_lora, attach_qdylora, fresh_base, ints, lora_to_qdylora,
+from alpaca_arms import (RESULTS, add_arm_args, attach_lora, attach_qdylora, fresh_base, ints, lora_to_qdylora,
                          split_alpaca, train_arm)
 from rank_sampling_report import best_arm, save
 
@@ -46,29 +46,16 @@ ARMS: dict[str, tuple[dict, dict]] = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--alpaca", default=str(SHARED / "alpaca" / "alpaca_5000.json"))
+    add_arm_args(p)
     p.add_argument("--budgets", default="40,160", help="optimizer steps of every arm, one set of runs per budget")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha of every arm (scale alpha / r)")
-    p.add_argument("--r-max", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and of every arm's first run")
     p.add_argument("--noise-seeds", default="1", help="further seeds of the noise runs")
     p.add_argument("--noise-budgets", default="", help="budgets with noise runs (default: the largest)")
     p.add_argument("--noise-lora-rank", type=int, default=16)
-    p.add_argument("--heldout", type=int, default=64, help="held-out Alpaca examples (split off before training)")
-    p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="ranks every QDyLoRA arm is evaluated at")
-    p.add_argument("--lora-ranks", default="1,4,16,64", help="separate peft LoRA runs")
     p.add_argument("--arms", default=",".join(ARMS), help=f"QDyLoRA arms, of: {', '.join(ARMS)}")
     # the same optimizer everywhere: LoRA arms get torch's AdamW, QDyLoRA arms ComponentAdamW with 32-bit state
     p.add_argument("--optim", default="adamw_torch")
-    p.add_argument("--eval-batch-size", type=int, default=4, help="examples per forward (x ranks, batched)")
     p.add_argument("--work-dir", default="/tmp/qdylora_rank_sampling", help="training runs (deleted at the end)")
     p.add_argument("--output", default=str(RESULTS))
-    # one thread: on a shared 2-core machine two OpenMP threads per process spin against other processes
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="keep the arms already in the output JSON")
     p.add_argument("--measure", action="store_true", help="time a few steps per arm kind and an eval, then exit")
     p.add_argument("--measure-steps", type=int, default=4)
