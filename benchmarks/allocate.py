@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dylora_vs_lora import attach_lora, fresh_base, split_alpaca, train_arm  # noqa: E402
+from alpaca_arms import attach_lora, fresh_base, split_alpaca, train_arm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -67,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench", help="training runs (deleted at the end)")
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="take the runs benchmarks/rank_sampling.py trained (its work-dir names, e.g. "
+                        "module-nested_160_0/adapter, lora4_160_0/adapter) instead of training them again; "
+                        "runs missing there are trained")
+    p.add_argument("--adapters-results", default=str(RESULTS / "rank_sampling.json"),
+                   help="rank_sampling.py's results, for the training time of the runs taken from --adapters")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, results under --work-dir only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -104,6 +110,24 @@ def attach_qdylora(base, args, rank_per: str, seed: int):
     torch.manual_seed(seed)
     return attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=args.r_max, alpha=args.alpha, update=args.update,
                                                rank_per=rank_per, seed=seed))
+
+
+def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
+    """(adapter folder, training record) of a run rank_sampling.py trained with these settings, if --adapters has it."""
+    if not args.adapters:
+        return None
+    folder = Path(args.adapters) / f"{name}_{steps}_{seed}" / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    arm = {"lora r=" + name[4:] if name.startswith("lora") else name.replace("-", "/"): None}
+    rec = {}
+    if Path(args.adapters_results).is_file():
+        runs = json.loads(Path(args.adapters_results).read_text())["budgets"].get(str(steps), {})
+        rec = runs.get("seeds", {}).get(str(seed), {}).get(next(iter(arm)), {})
+    return folder, {"train_seconds": rec.get("train_wall_s"), "steps": rec.get("steps", steps),
+                    "train_loss_first10pct": rec.get("train_loss_first10pct"),
+                    "train_loss_last10pct": rec.get("train_loss_last10pct"),
+                    "trained_by": f"benchmarks/rank_sampling.py ({folder.parent.name})"}
 
 
 def pattern_view(ranks: dict, costs: dict) -> dict:
@@ -217,8 +241,14 @@ def main(argv=None) -> int:
         if arm_spec[0] == "lora":
             r = arm_spec[1]
             print(f"== LoRA r={r}", flush=True)
-            model = attach_lora(copy.deepcopy(base), args, r)
-            arm = train_arm(f"lora_r{r}", model, tok, dataset, args)
+            found = reused(args, f"lora{r}", args.steps, args.seed)
+            if found:
+                from peft import PeftModel
+
+                model, arm = PeftModel.from_pretrained(copy.deepcopy(base), str(found[0])), found[1]
+            else:
+                model = attach_lora(copy.deepcopy(base), args, r)
+                arm = train_arm(f"lora_r{r}", model, tok, dataset, args)
             model.eval()
             arm.pop("ranks_sampled", None)
             results["lora"][str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
@@ -229,7 +259,14 @@ def main(argv=None) -> int:
             print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
             run_args = argparse.Namespace(**{**vars(args), "seed": seed})
             model = attach_qdylora(copy.deepcopy(base), run_args, rank_per, seed)
-            arm = train_arm(key, model, tok, dataset, run_args)
+            found = reused(args, f"{rank_per}-{args.update}", args.steps, seed)
+            if found:
+                from qdylora.adapters.files import load_adapter
+
+                load_adapter(model, found[0])
+                arm = found[1]
+            else:
+                arm = train_arm(key, model, tok, dataset, run_args)
             model.eval()
             if "base_loss" not in results:  # rank 0 everywhere: the base model alone
                 results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
@@ -278,7 +315,8 @@ def summarise(res: dict) -> dict:
         secs = [a[s]["seconds"] for a in res["runs"][main_key]["allocations"].values() if s in a]
         if secs:
             mean = sum(secs) / len(secs)
-            out["seconds_per_allocation"][s] = {"mean": round(mean, 2), "percent_of_training": round(100 * mean / train_s, 2)}
+            out["seconds_per_allocation"][s] = {"mean": round(mean, 2), "percent_of_training":
+                                                round(100 * mean / train_s, 2) if train_s else None}
     return out
 
 
@@ -306,8 +344,10 @@ def markdown(res: dict) -> str:
              f"held-out loss {res['base_loss']:.4f}.", ""]
     for key, run in res["runs"].items():
         scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
+        trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"
+        by = f", by {run['trained_by']}" if run.get("trained_by") else ""
         lines += [f"## Held-out loss, QDyLoRA rank_per={run['rank_per']} seed {run['seed']} (trained in "
-                  f"{run['train_seconds']:.0f} s)", "",
+                  f"{trained}{by})", "",
                   "| avg rank R | uniform R | " + " | ".join(f"{s} pattern" for s in scores) + " | LoRA trained at R |",
                   "|---|---|" + "---|" * len(scores) + "---|"]
         for R, row in run["heldout"].items():

@@ -30,7 +30,7 @@ import torch
 
 from alpaca_arms import (RESULTS, add_arm_args, attach_lora, attach_qdylora, fresh_base, ints, lora_to_qdylora,
                          split_alpaca, train_arm)
-from rank_sampling_report import best_arm, save
+from rank_sampling_report import LORA, best_arm, save
 
 # name -> (QDyLoRAConfig overrides, TrainConfig overrides)
 ARMS: dict[str, tuple[dict, dict]] = {
@@ -51,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise-seeds", default="1", help="further seeds of the noise runs")
     p.add_argument("--noise-budgets", default="", help="budgets with noise runs (default: the largest)")
     p.add_argument("--noise-lora-rank", type=int, default=16)
+    p.add_argument("--noise-arms", default="auto",
+                   help="arms run again with each noise seed: 'auto' (LoRA at --noise-lora-rank and the best "
+                        "QDyLoRA arm of --arms), or names such as 'lora r=16,best,example/nested'")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="combine the results of parts run side by side (each with its own --output) into --output")
     p.add_argument("--arms", default=",".join(ARMS), help=f"QDyLoRA arms, of: {', '.join(ARMS)}")
     # the same optimizer everywhere: LoRA arms get torch's AdamW, QDyLoRA arms ComponentAdamW with 32-bit state
     p.add_argument("--optim", default="adamw_torch")
@@ -168,6 +173,36 @@ def measure(args, tok, dataset, held, ranks, arms) -> None:
                       "est_total_min": round((train_s + evals * eval_all + 8 * runs) / 60, 1)}, indent=2))
 
 
+def merge(parts: list[str], out_dir: Path) -> None:
+    """Combine parts run side by side: their runs, noise arms and arms; wall time is the longest part's."""
+    res: dict = {}
+    for part in parts:
+        r = json.loads((Path(part) / "rank_sampling.json").read_text())
+        if not res:
+            res = {**r, "budgets": {}, "parts": []}
+        res["parts"].append({"dir": part, "arms": r["config"]["arms"], "lora_ranks": r["config"]["lora_ranks"],
+                             "wall_s": round(r.get("wall_s_previous", 0) + r.get("wall_s_this", 0), 1),
+                             "cpu_s": r.get("cpu_s_total", 0), "complete": r.get("complete", False)})
+        res.setdefault("base", r.get("base"))
+        for key in ("arms", "lora_ranks"):
+            res["config"][key] = sorted(set(res["config"][key]) | set(r["config"][key]),
+                                        key=(lambda a: list(ARMS).index(a)) if key == "arms" else int)
+        res["config"]["arm_settings"] = {**res["config"]["arm_settings"], **r["config"]["arm_settings"]}
+        for b, budget in r["budgets"].items():
+            into = res["budgets"].setdefault(b, {"seeds": {}})
+            for seed, runs in budget.get("seeds", {}).items():
+                into["seeds"].setdefault(seed, {}).update(runs)
+            into["noise_arms"] = into.get("noise_arms", []) + [n for n in budget.get("noise_arms", [])
+                                                               if n not in into.get("noise_arms", [])]
+    res["complete"] = all(p["complete"] for p in res["parts"])
+    res.pop("wall_s_this", None)
+    res["wall_s_previous"] = max(p["wall_s"] for p in res["parts"])
+    res["cpu_s_total"] = round(sum(p["cpu_s"] for p in res["parts"]), 1)
+    res["total_seconds"] = res["wall_s_previous"]
+    save(res, out_dir)
+    print((out_dir / "rank_sampling.md").read_text())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from qdylora.data import build_dataset
@@ -176,9 +211,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ranks, budgets, arms = ints(args.ranks), ints(args.budgets), [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
-    if unknown or args.r_max not in ints(args.lora_ranks):
-        raise SystemExit(f"unknown arms {unknown} (use {', '.join(ARMS)})" if unknown else
-                         f"--lora-ranks must include r_max={args.r_max}: the truncated arm cuts that run")
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown} (use {', '.join(ARMS)})")
+    if args.merge:
+        merge(args.merge, Path(args.output))
+        return 0
     train_recs, held = split_alpaca(args.alpaca, args.heldout, args.seed)
     _, tok = fresh_base()
     dataset = build_dataset(train_recs, tok, args.max_seq_len)
@@ -240,11 +277,14 @@ def main(argv=None) -> int:
         for name in arms:
             qdylora(b, name, args, with_base="base" not in res)
         if b in noise_budgets:
-            best = best_arm(res["budgets"][str(b)]["seeds"][str(args.seed)], arms)
-            res["budgets"][str(b)]["noise_arms"] = [best, f"lora r={args.noise_lora_rank}"]
+            runs = res["budgets"][str(b)]["seeds"][str(args.seed)]
+            spec = f"{LORA}{args.noise_lora_rank},best" if args.noise_arms == "auto" else args.noise_arms
+            names = [best_arm(runs, arms) if n.strip() == "best" else n.strip() for n in spec.split(",") if n.strip()]
+            noted = res["budgets"][str(b)].setdefault("noise_arms", [])
+            noted += [n for n in names if n not in noted]
             for s in ints(args.noise_seeds):
-                lora(b, args.noise_lora_rank, seeded(args, s))
-                qdylora(b, best, seeded(args, s))
+                for n in names:
+                    lora(b, int(n[len(LORA):]), seeded(args, s)) if n.startswith(LORA) else qdylora(b, n, seeded(args, s))
     res["complete"] = True
     clock()
     res["total_seconds"] = round(res["wall_s_previous"] + res["wall_s_this"], 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_nf4
+from helpers import tiny_nf4
 from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.allocate.calib import CalibBatch, config_losses

@@ -72,3 +72,44 @@ def test_unknown_task_and_missing_lm_eval_are_one_line(adapter, monkeypatch):
     monkeypatch.setattr(harness, "_lm_eval", missing)
     with pytest.raises(ConfigError, match=r"pip install qdylora\[eval\]"):
         evaluate_harness(model, tok, ["qdylora_colors"], [2], progress=False)
+
+
+def test_cli_sweep_on_an_lm_eval_task_writes_lm_evals_numbers(adapter, tiny_model_dir, tmp_path, capsys):
+    import csv
+    import json
+
+    from qdylora.cli import main
+
+    _, _, adapter_dir = adapter
+    out = tmp_path / "sweep"
+    rc = main(["sweep", str(adapter_dir), "--task", "lm-eval", "--lm-eval-tasks", "qdylora_colors",
+               "--include-path", TASKS, "--ranks", "2,8", "--model", str(tiny_model_dir), "--batch-size", "4",
+               "--output", str(out)])
+    assert rc == 0
+    assert "qdylora_colors/acc" in capsys.readouterr().out
+    rows = {r["label"]: r for r in json.loads((out / "sweep_lm-eval.json").read_text())["rows"]}
+    assert sorted(rows) == ["2", "8", "base"]
+    with open(out / "sweep_lm-eval.csv") as f:
+        csv_rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert (out / "sweep_lm-eval.png").stat().st_size > 0
+    for rank in (2, 8):
+        export_peft(adapter_dir, rank, tmp_path / f"r{rank}")
+        direct = _direct(tiny_model_dir, tmp_path / f"r{rank}")
+        assert {k: rows[str(rank)][k] for k in direct} == direct
+        assert {k: float(csv_rows[str(rank)][k]) for k in direct} == pytest.approx(direct, abs=1e-12)
+
+
+def test_cli_sweep_lm_eval_refuses_bad_options_before_loading(adapter, tmp_path, capsys):
+    from qdylora.cli import main
+
+    _, _, adapter_dir = adapter
+    cases = [(["--task", "lm-eval"], "--task lm-eval needs --lm-eval-tasks"),
+             (["--task", "lm-eval", "--lm-eval-tasks", "no_such_task", "--include-path", TASKS],
+              "lm-eval knows no task no_such_task"),
+             (["--task", "lm-eval", "--lm-eval-tasks", "x", "--include-path", str(tmp_path / "none")],
+              "is not a folder of lm-eval task YAML files"),
+             (["--task", "default", "--lm-eval-tasks", "arc_easy"], "only apply to --task lm-eval")]
+    for extra, message in cases:
+        rc = main(["sweep", str(adapter_dir), "--model", str(tmp_path / "no_model_needed"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (extra, err)

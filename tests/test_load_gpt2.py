@@ -14,7 +14,7 @@ from qdylora.adapters.attach import attach_adapters, dylora_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.load.model import load_quantized_model
 from qdylora.load.quantize import nf4_linear_names, packed_nf4, quantized_linears
-from test_load_paths import _old_path, assert_same_model
+from load_checks import assert_same_model, no_from_pretrained, old_path
 
 VOCAB = 320
 
@@ -88,11 +88,10 @@ def test_default_targets_attach_to_gpt2_and_a_step_trains():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpt2_checkpoint_loads_layer_by_layer(tmp_path, monkeypatch, dtype):
-    from test_load_paths import _no_from_pretrained
 
     _gpt2().save_pretrained(tmp_path, max_shard_size="200KB")
     with monkeypatch.context() as mp:
-        _no_from_pretrained(mp)
+        no_from_pretrained(mp)
         got = load_quantized_model(tmp_path, device="cpu", compute_dtype=dtype)
     assert got.lm_head.weight is got.transformer.wte.weight
-    assert_same_model(got, _old_path(tmp_path, dtype, dtype), vocab=VOCAB)
+    assert_same_model(got, old_path(tmp_path, dtype, dtype), vocab=VOCAB)

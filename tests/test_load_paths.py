@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qdylora.load.model import load_model_and_tokenizer, load_quantized_model
-from qdylora.load.quantize import packed_nf4, quantize_model, quantized_linears
+from load_checks import assert_same_model, no_from_pretrained, old_path
+from qdylora.load.quantize import quantize_model, quantized_linears
 
 
 def _llama(tied: bool, seed: int = 0, layers: int = 2):
@@ -21,54 +22,6 @@ def _llama(tied: bool, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def _old_path(path, dtype=torch.float32, compute_dtype=torch.float32):
-    """What training loaded before: from_pretrained in the compute dtype, then quantize_model (CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, low_cpu_mem_usage=True)
-    return quantize_model(m, "cpu", compute_dtype)
-
-
-def _no_from_pretrained(monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    def boom(*a, **k):
-        raise AssertionError("from_pretrained was called: the model did not load layer by layer")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", boom)
-
-
-def assert_same_model(got, ref, vocab=320):
-    """Same NF4 bytes and quant states, same other tensors (dtype and values), same config, same logits."""
-    qg, qr = quantized_linears(got), quantized_linears(ref)
-    assert sorted(qg) == sorted(qr) and qg
-    for name in qr:
-        (wg, sg), (wr, sr) = packed_nf4(qg[name]), packed_nf4(qr[name])
-        assert torch.equal(wg, wr), name
-        for a, b in ((sg.absmax, sr.absmax), (sg.offset, sr.offset), (sg.code, sr.code),
-                     (sg.state2.absmax, sr.state2.absmax), (sg.state2.code, sr.state2.code)):
-            assert torch.equal(a, b), name
-        assert (sg.dtype, tuple(sg.shape), sg.blocksize) == (sr.dtype, tuple(sr.shape), sr.blocksize), name
-        assert qg[name].compute_dtype == qr[name].compute_dtype, name
-        assert (qg[name].bias is None) == (qr[name].bias is None)
-    pg = {n: p for n, p in got.named_parameters() if n.rpartition(".")[0] not in qg}
-    pr = {n: p for n, p in ref.named_parameters() if n.rpartition(".")[0] not in qr}
-    assert sorted(pg) == sorted(pr)
-    for n in pr:
-        assert pg[n].dtype == pr[n].dtype and torch.equal(pg[n], pr[n]), n
-        assert not pg[n].requires_grad
-    bg, br = dict(got.named_buffers()), dict(ref.named_buffers())
-    assert sorted(bg) == sorted(br) and all(torch.equal(bg[n], br[n]) and bg[n].dtype == br[n].dtype for n in br)
-    head_g, head_r = got.get_output_embeddings().weight, ref.get_output_embeddings().weight
-    assert (head_g is got.get_input_embeddings().weight) == (head_r is ref.get_input_embeddings().weight)
-    assert got.config.to_dict() == ref.config.to_dict()  # includes dtype and _name_or_path
-    assert got.generation_config.to_dict() == ref.generation_config.to_dict()
-    assert got.training == ref.training and got.is_loaded_in_4bit and ref.is_loaded_in_4bit
-    ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(1)).to(head_g.device)
-    with torch.no_grad():
-        assert torch.equal(got(ids).logits, ref(ids).logits)
-
-
 @pytest.mark.parametrize("shards,tied,dtype", [(True, True, torch.float32), (False, False, torch.float32),
                                                (True, False, torch.bfloat16), (False, True, torch.bfloat16)])
 def test_layer_by_layer_equals_from_pretrained(tmp_path, monkeypatch, shards, tied, dtype):
@@ -78,9 +31,9 @@ def test_layer_by_layer_equals_from_pretrained(tmp_path, monkeypatch, shards, ti
     gen = json.loads((tmp_path / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.7, "do_sample": True}))
     with monkeypatch.context() as mp:
-        _no_from_pretrained(mp)
+        no_from_pretrained(mp)
         got = load_quantized_model(tmp_path, device="cpu", compute_dtype=dtype)
-    ref = _old_path(tmp_path, dtype, dtype)
+    ref = old_path(tmp_path, dtype, dtype)
     assert got.generation_config.temperature == 0.7
     assert got.config._name_or_path == str(tmp_path)
     assert_same_model(got, ref)
@@ -92,7 +45,7 @@ def test_cpu_default_dtype_is_fp32_as_before(tmp_path):
     assert got.model.embed_tokens.weight.dtype == torch.float32  # the bf16 checkpoint is widened, as before
     assert all(m.compute_dtype == torch.float32 and m.weight.quant_state.dtype == torch.float32
                for m in quantized_linears(got).values())
-    assert_same_model(got, _old_path(tmp_path))
+    assert_same_model(got, old_path(tmp_path))
 
 
 def test_model_and_tokenizer_source_and_name(tmp_path, tokenizer, monkeypatch):
@@ -101,12 +54,12 @@ def test_model_and_tokenizer_source_and_name(tmp_path, tokenizer, monkeypatch):
     tokenizer.save_pretrained(tmp_path / "m")
     monkeypatch.chdir(tmp_path)
     with monkeypatch.context() as mp:
-        _no_from_pretrained(mp)
+        no_from_pretrained(mp)
         got, tok = load_model_and_tokenizer("m", device="cpu")
     assert got.qdylora_source == str((tmp_path / "m").resolve())
     assert got.config._name_or_path == "m"  # as from_pretrained("m") names it
     assert tok.pad_token is not None and tok("hello")["input_ids"] == tokenizer("hello")["input_ids"]
-    assert_same_model(got, _old_path("m"))
+    assert_same_model(got, old_path("m"))
 
 
 @pytest.mark.parametrize("same", [True, False])
@@ -122,7 +75,7 @@ def test_tied_config_with_a_head_in_the_checkpoint(tmp_path, same):
     got = load_quantized_model(tmp_path, device="cpu")
     # transformers ties an equal copy and keeps a different head: the same model either way
     assert (got.lm_head.weight is got.model.embed_tokens.weight) == same
-    assert_same_model(got, _old_path(tmp_path))
+    assert_same_model(got, old_path(tmp_path))
 
 
 def _fake_hub_cache(root, repo_id, files_from):
@@ -146,11 +99,11 @@ def test_hub_id_loads_layer_by_layer_from_the_offline_cache(tmp_path, tokenizer,
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     with monkeypatch.context() as mp:
-        _no_from_pretrained(mp)
+        no_from_pretrained(mp)
         got, tok = load_model_and_tokenizer("someone/tiny-llama", device="cpu")
     assert got.qdylora_source == "someone/tiny-llama" and got.config._name_or_path == "someone/tiny-llama"
     assert tok("hello")["input_ids"] == tokenizer("hello")["input_ids"]
-    ref = _old_path(snapshot)
+    ref = old_path(snapshot)
     ref.config._name_or_path = "someone/tiny-llama"  # from_pretrained("someone/tiny-llama") names it so
     assert_same_model(got, ref)
 
@@ -161,7 +114,7 @@ def test_bin_only_folder_goes_through_from_pretrained(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     got = load_quantized_model(tmp_path, device="cpu")
-    assert_same_model(got, _old_path(tmp_path))
+    assert_same_model(got, old_path(tmp_path))
 
 
 def test_checkpoint_transformers_converts_falls_back_to_from_pretrained(tmp_path, caplog):
@@ -174,7 +127,7 @@ def test_checkpoint_transformers_converts_falls_back_to_from_pretrained(tmp_path
     with caplog.at_level(logging.WARNING, logger="qdylora.load.model"):
         got = load_quantized_model(tmp_path, device="cpu")
     assert "loading it whole through transformers" in caplog.text
-    assert_same_model(got, _old_path(tmp_path))
+    assert_same_model(got, old_path(tmp_path))
 
 
 @pytest.mark.gpu
@@ -185,7 +138,7 @@ def test_layer_by_layer_on_cuda_equals_from_pretrained(tmp_path, monkeypatch, ti
 
     _llama(tied).save_pretrained(tmp_path, max_shard_size="100KB")
     with monkeypatch.context() as mp:
-        _no_from_pretrained(mp)
+        no_from_pretrained(mp)
         got = load_quantized_model(tmp_path, device="cuda")  # bf16, read straight onto the GPU
     ref = quantize_model(AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16), "cuda",
                          torch.bfloat16)

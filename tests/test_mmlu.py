@@ -280,3 +280,27 @@ def test_smollm2_tokenizer_uses_space_letter():
     ids, sep = answer_token_ids(tok, QLORA_ROWS[0]["input"])
     assert sep == " " and len(set(ids)) == 4
     assert ids == [tok(" " + c, add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
+
+
+def test_k_shot_examples_come_from_the_dev_split_in_order(tmp_path):
+    import pandas as pd
+
+    from qdylora.eval.mmlu import dev_pool
+
+    folder = tmp_path / "cais_mmlu" / "all"
+    folder.mkdir(parents=True)
+    dev = [{"question": f"Dev {i}?", "subject": "elementary_mathematics", "choices": ["1", "2", "3", "4"],
+            "answer": i % 4} for i in range(5)]
+    pd.DataFrame(HF_ROWS).to_parquet(folder / "validation-00000-of-00001.parquet")
+    pd.DataFrame(dev).to_parquet(folder / "dev-00000-of-00001.parquet")
+    qs = load_mmlu(tmp_path / "cais_mmlu")  # the validation split only: dev questions are not evaluated
+    assert [q.question for q in qs] == [r["question"] for r in HF_ROWS]
+    pool = dev_pool(str(tmp_path / "cais_mmlu"))
+    assert dev_pool(str(tmp_path / "cais_mmlu" / "all" / "validation-00000-of-00001.parquet")) is None
+    shots = pick_shots(qs, 3, seed=7, pool=pool)
+    # MMLU's standard k-shot prompt: the subject's first k dev questions, whatever the seed
+    assert [s.question for s in shots[0]] == ["Dev 0?", "Dev 1?", "Dev 2?"] == [s.question for s in shots[1]]
+    assert shots[2] == []  # no biology in dev
+    head = "The following are multiple choice questions (with answers) about  elementary mathematics.\n\n"
+    assert build_prompt(qs[0], shots[0][:1]) == (head + "Dev 0?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: A\n\n"
+                                                 "What is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from ..eval.sweep import TASKS
 
 
@@ -19,14 +20,27 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="ranks to evaluate, comma-separated or ranges, e.g. 1,2,4,8 or 1-64 "
                         "(default: r_min, the powers of two in between and r_max: 1,2,4,...,64 for r 1..64)")
     p.add_argument("--task", default="default", choices=TASKS,
-                   help="mmlu: multiple choice accuracy; loss: mean response-token loss / perplexity on a held-out "
-                        "file; default: exact match on the embedded task (default %(default)s)")
+                   help="mmlu: multiple choice accuracy (QLoRA's prompt format, all ranks in batched passes); loss: "
+                        "mean response-token loss / perplexity on a held-out file; default: exact match on the "
+                        "embedded task; lm-eval: any lm-evaluation-harness task, lm-eval's own numbers "
+                        "(default %(default)s)")
     p.add_argument("--data", default=None,
                    help="mmlu: QLoRA JSONL, cais/mmlu json/jsonl/parquet file or folder, or a hub name; loss: a "
                         "held-out alpaca/text/chat file; default: optional records file (else the embedded held-out set)")
-    p.add_argument("--shots", type=int, default=0, help="mmlu: in-context examples from the same subject (default 0)")
+    p.add_argument("--shots", type=int, default=0,
+                   help="mmlu: in-context examples of the same subject, the first K of MMLU's dev split when there "
+                        "is one (--shots-data, or dev files in a --data folder), else drawn from the evaluated split "
+                        "(default 0)")
+    p.add_argument("--shots-data", default=None, metavar="DEV",
+                   help="mmlu: the dev split (file or folder) the k-shot examples come from")
+    p.add_argument("--lm-eval-tasks", default=None, metavar="NAME[,NAME...]",
+                   help="lm-eval: the lm-evaluation-harness tasks to run (needs `pip install qdylora[eval]`)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="lm-eval: a folder of local task YAML files (e.g. dataset_path: json with local data_files)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="lm-eval: in-context examples (default: each task's own)")
     p.add_argument("--limit", type=int, default=None,
-                   help="evaluate at most N items (mmlu: taken round-robin over subjects)")
+                   help="evaluate at most N items (mmlu: taken round-robin over subjects; lm-eval: per task)")
     p.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default %(default)s)")
     p.add_argument("--batched-ranks", action="store_true",
                    help="evaluate all ranks in one forward pass with per-row ranks (same numbers, fewer passes)")
@@ -45,6 +59,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def harness_options(args: argparse.Namespace) -> dict | None:
+    """The lm-eval options of --task lm-eval (None for the other tasks, which refuse them)."""
+    given = [f for f, v in (("--lm-eval-tasks", args.lm_eval_tasks), ("--include-path", args.include_path),
+                            ("--num-fewshot", args.num_fewshot)) if v is not None]
+    if args.task != "lm-eval":
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to --task lm-eval")
+        return None
+    return {"tasks": (args.lm_eval_tasks or "").split(","), "include_path": args.include_path,
+            "num_fewshot": args.num_fewshot}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a sweep from parsed arguments; prints the table and where the files went."""
     from ..allocate.pattern import split_paths
@@ -54,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     result = sweep(args.adapter_dir, ranks, task=args.task, data=args.data, shots=args.shots,
                    limit=args.limit, batch_size=args.batch_size, batched_ranks=args.batched_ranks, model=args.model,
                    output=args.output, include_base=not args.no_base, max_seq_len=args.max_seq_len,
-                   seed=args.seed, padding_side=args.padding_side, patterns=split_paths(args.rank_pattern))
+                   seed=args.seed, padding_side=args.padding_side, patterns=split_paths(args.rank_pattern),
+                   shots_data=args.shots_data, harness=harness_options(args))
     print(result.table())
     print(f"total {result.total_seconds:.1f} s; wrote " + ", ".join(result.settings.get("files", [])))
     return 0

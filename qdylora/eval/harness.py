@@ -13,8 +13,9 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -64,36 +65,67 @@ def metric_columns(results: dict) -> dict[str, float]:
     return out
 
 
-def evaluate_harness(model: nn.Module, tokenizer, tasks: Sequence[str], ranks: Sequence[int] | None,
+@dataclass
+class HarnessSpec:
+    """What an lm-eval sweep runs: task names, the folder of local task YAMLs, shots, items per task."""
+
+    tasks: list[str]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    manager: Any = None  # lm-eval's TaskManager, built once
+
+    def describe(self) -> dict[str, Any]:
+        return {"lm_eval_tasks": self.tasks, "include_path": self.include_path, "num_fewshot": self.num_fewshot,
+                "limit": self.limit}
+
+
+def harness_spec(tasks: Sequence[str] | None, include_path: str | None = None, num_fewshot: int | None = None,
+                 limit: int | None = None) -> HarnessSpec:
+    """Check that lm-eval is installed, the include path is a folder and every task exists (before a model loads)."""
+    _, _, TaskManager = _lm_eval()
+    tasks = [t.strip() for t in (tasks or []) if t.strip()]
+    if not tasks:
+        raise ConfigError("--task lm-eval needs --lm-eval-tasks NAME[,NAME...], e.g. arc_easy or a task of "
+                          "--include-path DIR")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise DataError(f"--include-path {include_path} is not a folder of lm-eval task YAML files")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot {num_fewshot} must be >= 0")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be >= 1")
+    folder = str(Path(include_path).resolve()) if include_path else None
+    with _quiet_and_in(None):
+        manager = TaskManager(include_path=folder, include_defaults=True, verbosity="ERROR")
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise DataError(f"lm-eval knows no task {', '.join(unknown)}; pass --include-path with its YAML, or see "
+                        "`lm-eval ls tasks`")
+    return HarnessSpec(tasks, folder, num_fewshot, limit, manager)
+
+
+def evaluate_harness(model: nn.Module, tokenizer, tasks: Sequence[str] | HarnessSpec, ranks: Sequence[int] | None,
                      include_path: str | None = None, num_fewshot: int | None = None, limit: int | None = None,
                      batch_size: int = 8, progress=True) -> dict[int | None, dict]:
     """{rank: {'metrics': {'task/metric': value}, 'seconds': s}} with rank 0 the base model (None: as it is)."""
-    simple_evaluate, HFLM, TaskManager = _lm_eval()
+    simple_evaluate, HFLM, _ = _lm_eval()
     ranks = check_ranks(model, ranks)
-    if not tasks:
-        raise ConfigError("--lm-eval-tasks is empty; name at least one lm-eval task, e.g. arc_easy")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise DataError(f"--include-path {include_path} is not a folder of lm-eval task YAML files")
-    folder = str(Path(include_path).resolve()) if include_path else None
+    spec = tasks if isinstance(tasks, HarnessSpec) else harness_spec(tasks, include_path, num_fewshot, limit)
     keys = ranks if ranks is not None else [None]
     bar, own_bar = progress_bar(progress, len(keys), "lm-eval")
     out: dict = {}
-    with _quiet_and_in(folder), ranks_restored(model):
-        manager = TaskManager(include_path=folder, include_defaults=True, verbosity="ERROR")
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise DataError(f"lm-eval knows no task {', '.join(unknown)}; pass --include-path with its YAML, or see "
-                            "`lm-eval ls tasks`")
+    with _quiet_and_in(spec.include_path), ranks_restored(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
         for rank in keys:
             t0 = time.perf_counter()
             if rank is not None:
                 apply_rank(model, rank)
             try:
-                res = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+                res = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot,
+                                      limit=spec.limit, task_manager=spec.manager, bootstrap_iters=0,
+                                      log_samples=False, verbosity="ERROR")
             except (FileNotFoundError, ValueError, KeyError) as e:  # a broken YAML or a missing data file
-                raise DataError(f"lm-eval cannot run {', '.join(tasks)}: {str(e).splitlines()[0]}") from None
+                raise DataError(f"lm-eval cannot run {', '.join(spec.tasks)}: {str(e).splitlines()[0]}") from None
             out[rank] = {"metrics": metric_columns(res["results"]), "seconds": time.perf_counter() - t0}
             if bar is not None:
                 bar.update(1)

@@ -106,7 +106,7 @@ def parse_row(row: Any, where: str) -> MMLUQuestion:
 
 def _files_of(path: Path, split: str) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
-    wanted = [p for p in files if split in p.name] or files
+    wanted = [p for p in files if split in p.name] or [p for p in files if "dev" not in p.name] or files
     if not wanted:
         raise DataError(f"{path} holds no .json/.jsonl/.parquet file")
     return wanted
@@ -183,21 +183,34 @@ def build_prompt(q: MMLUQuestion, shots: Sequence[MMLUQuestion] = ()) -> str:
 
 def pick_shots(questions: Sequence[MMLUQuestion], k: int, seed: int = 0,
                pool: Sequence[MMLUQuestion] | None = None) -> list[list[MMLUQuestion]]:
-    """For each question, k other questions of the same subject, drawn with a fixed seed (fewer if the subject has fewer)."""
+    """For each question, k examples of its subject: the first k of `pool` (MMLU's dev split, the standard
+    k-shot prompt), or without a pool k other questions of the evaluated split drawn with a fixed seed."""
     if k < 0:
         raise ConfigError(f"shots={k} must be >= 0")
     if k == 0:
         return [[] for _ in questions]
-    pool = list(questions if pool is None else pool)
     by_subject: dict[str, list[MMLUQuestion]] = {}
-    for p in pool:
+    for p in (questions if pool is None else pool):
         by_subject.setdefault(p.subject, []).append(p)
+    if pool is not None:
+        return [by_subject.get(q.subject, [])[:k] for q in questions]
     out = []
     for i, q in enumerate(questions):
         others = [p for p in by_subject.get(q.subject, []) if p is not q]
         rng = random.Random(f"{seed}:{q.subject}:{i}")  # str seeds are hashed deterministically (sha512)
         out.append(rng.sample(others, min(k, len(others))))
     return out
+
+
+def dev_pool(data: str | None, shots_data: str | None = None) -> list[MMLUQuestion] | None:
+    """MMLU's dev split for k-shot prompts: `shots_data`, else the dev files of a `data` folder; None if neither."""
+    if shots_data:
+        return load_mmlu(shots_data, split="dev")
+    path = Path(data) if data else None
+    if path is None or not path.is_dir():
+        return None
+    devs = [f for f in sorted(path.rglob("*")) if f.suffix in (".json", ".jsonl", ".parquet") and "dev" in f.name]
+    return [parse_row(r, where) for f in devs for where, r in read_rows(f)] or None
 
 
 def answer_token_ids(tokenizer, prompt: str, n_choices: int = 4) -> tuple[list[int], str]:

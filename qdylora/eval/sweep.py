@@ -12,11 +12,12 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, DataError
 from .common import BASE_RANK, check_ranks
+from .plots import plot_params, plot_sweep
 
-TASKS = ("mmlu", "loss", "default")
+TASKS = ("mmlu", "loss", "default", "lm-eval")
 # what the "accuracy" column means for each task
 ACCURACY_OF = {"mmlu": "accuracy over questions (micro)", "loss": "next-token accuracy on response tokens",
-               "default": "exact match"}
+               "default": "exact match", "lm-eval": "lm-eval's own metrics, one column per task/metric"}
 COLUMNS = ("rank", "label", "accuracy", "accuracy_macro", "loss", "perplexity", "n", "seconds", "params")
 
 
@@ -41,8 +42,32 @@ class SweepResult:
                 "base_model": self.base_model, "rows": self.rows, "per_subject": self.per_subject,
                 "settings": self.settings, "total_seconds": self.total_seconds}
 
+    def metric_names(self) -> list[str]:
+        """lm-eval sweeps: the 'task/metric' columns, in order; other tasks: none."""
+        return sorted({k for r in self.rows for k in r if "/" in k}) if self.task == "lm-eval" else []
+
+    def plot_metrics(self) -> list[tuple[str, str]]:
+        """(row key, axis label) of each plotted metric."""
+        if self.task == "lm-eval":
+            return [(m, m) for m in self.metric_names()[:4]]
+        return [("accuracy", ACCURACY_OF[self.task]), ("loss", "loss" if self.task != "mmlu" else "answer-letter loss")]
+
+    def task_label(self) -> str:
+        """The task as a plot names it (lm-eval: its task names)."""
+        tasks = self.settings.get("lm_eval_tasks")
+        return f"lm-eval {','.join(tasks)}" if self.task == "lm-eval" and tasks else self.task
+
     def table(self) -> str:
-        """Plain-text table: rank, accuracy(ies), loss, perplexity, seconds."""
+        """Plain-text table: rank, accuracy(ies), loss, perplexity, seconds (lm-eval: its metric columns)."""
+        if self.task == "lm-eval":
+            names = self.metric_names()
+            width = max([9] + [len(n) for n in names])
+            lines = [f"task lm-eval ({', '.join(self.settings.get('lm_eval_tasks', []))}): lm-eval's own numbers",
+                     f"{'rank':>6}  " + "  ".join(f"{n:>{width}}" for n in names) + f"  {'time s':>7}"]
+            for r in self.rows:
+                cells = "  ".join(f"{r[n]:>{width}.4f}" if r.get(n) is not None else f"{'-':>{width}}" for n in names)
+                lines.append(f"{r['label']:>6}  {cells}  {r['seconds']:>7.2f}")
+            return "\n".join(lines)
         macro = self.task == "mmlu"
         head = f"{'rank':>6}  {'accuracy':>9}" + (f"  {'acc.macro':>9}" if macro else "") + \
             f"  {'loss':>8}  {'ppl':>9}  {'n':>5}  {'time s':>7}"
@@ -62,7 +87,7 @@ class SweepResult:
         stem = out / f"sweep_{self.task}"
         write_json_atomic(stem.with_suffix(".json"), self.to_dict())
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=list(COLUMNS) + self.metric_names(), extrasaction="ignore")
             w.writeheader()
             w.writerows(self.rows)
         (plot_params if any(r.get("pattern") for r in self.rows) else plot_sweep)(self, stem.with_suffix(".png"))
@@ -100,64 +125,6 @@ def add_pattern_rows(result: SweepResult, model: nn.Module, tokenizer, items: li
     result.total_seconds = round(result.total_seconds + time.perf_counter() - t0, 3)
 
 
-def plot_params(result: SweepResult, path: str | Path) -> None:
-    """Accuracy and loss against adapter parameters: uniform ranks as a line, rank patterns as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranked = [r for r in result.rows if r.get("rank") not in (None, BASE_RANK)]
-    patterns = [r for r in result.rows if r.get("pattern")]
-    base = next((r for r in result.rows if r.get("rank") == BASE_RANK), None)
-    metrics = [("accuracy", ACCURACY_OF[result.task]), ("loss", "loss" if result.task != "mmlu" else "answer-letter loss")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (key, label) in zip(axes, metrics):
-        ax.plot([r["params"] for r in ranked], [r[key] for r in ranked], "o-", label="uniform rank r")
-        for r in ranked:
-            ax.annotate(str(r["rank"]), (r["params"], r[key]), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        for r in patterns:
-            ax.plot([r["params"]], [r[key]], "*", markersize=11, label=f"pattern {r['label']}")
-        if base is not None:
-            ax.axhline(base[key], color="gray", linestyle="--", label="base model (no adapter)")
-        ax.set_xscale("log")
-        ax.set_xlabel("adapter parameters")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"task {result.task}: uniform ranks and rank patterns, {Path(result.adapter).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(result: SweepResult, path: str | Path) -> None:
-    """Accuracy and loss against rank (log2 axis), the base model as a dashed horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranked = [r for r in result.rows if r["rank"] != BASE_RANK]
-    base = next((r for r in result.rows if r["rank"] == BASE_RANK), None)
-    metrics = [("accuracy", ACCURACY_OF[result.task]), ("loss", "loss" if result.task != "mmlu" else "answer-letter loss")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (key, label) in zip(axes, metrics):
-        ax.plot([r["rank"] for r in ranked], [r[key] for r in ranked], "o-", label="adapter at rank r")
-        if base is not None:
-            ax.axhline(base[key], color="gray", linestyle="--", label="base model (no adapter)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([r["rank"] for r in ranked], [str(r["rank"]) for r in ranked])
-        ax.set_xlabel("rank")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"rank sweep, task {result.task}: {Path(result.adapter).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def parse_ranks(text: str) -> list[int]:
     """'1,2,4' or '1-8' or a mix -> sorted unique ranks; a clear error for anything else."""
     ranks: set[int] = set()
@@ -185,9 +152,14 @@ def check_task(task: str) -> str:
     return task
 
 
-def load_task_data(task: str, data: str | None, limit: int | None = None) -> list:
-    """The task's items: MMLU questions, held-out records, or default-task records (errors before any model loads)."""
+def load_task_data(task: str, data: str | None, limit: int | None = None, harness: dict | None = None):
+    """The task's items: MMLU questions, held-out records, default-task records, or (lm-eval) the checked
+    HarnessSpec built from `harness` (lm_eval_tasks, include_path, num_fewshot); errors before any model loads."""
     check_task(task)
+    if task == "lm-eval":
+        from .harness import harness_spec
+
+        return harness_spec(limit=limit, **(harness or {}))
     if task == "mmlu":
         from .mmlu import load_mmlu
 
@@ -230,16 +202,24 @@ def resolve_base(meta: dict, model: str | None = None) -> str:
 
 def evaluate_ranks(model: nn.Module, tokenizer, task: str, items: list, ranks: Sequence[int] | None,
                    shots: int = 0, seed: int = 0, batch_size: int = 8, batched_ranks: bool = False,
-                   max_seq_len: int = 512, padding_side: str | None = None, progress=True
+                   max_seq_len: int = 512, padding_side: str | None = None, progress=True, shot_pool=None
                    ) -> tuple[list[dict[str, Any]], dict]:
     """(rows, per-subject) for `model` at each rank (0 = base; None = the model as it is) on loaded task items."""
     check_task(task)
     common = dict(batch_size=batch_size, batched_ranks=batched_ranks, padding_side=padding_side, progress=progress)
     rows, per_subject = [], {}
-    if task == "mmlu":
+    if task == "lm-eval":
+        from .harness import evaluate_harness
+
+        res = evaluate_harness(model, tokenizer, items, ranks, batch_size=batch_size, progress=progress)
+        for r, m in res.items():
+            rows.append({"accuracy": None, "accuracy_macro": None, "loss": None, "perplexity": None,
+                         "n": items.limit, "seconds": m["seconds"], "rank": r, **m["metrics"]})
+    elif task == "mmlu":
         from .mmlu import score_questions
 
-        res = score_questions(model, tokenizer, items, ranks, shots=shots, seed=seed, **common)
+        res = score_questions(model, tokenizer, items, ranks, shots=shots, seed=seed, shot_pool=shot_pool,
+                              **common)
         for r, m in res.items():
             rows.append({"accuracy": m.accuracy_micro, "accuracy_macro": m.accuracy_macro, "loss": m.loss,
                          "perplexity": _exp(m.loss), "n": m.n, "seconds": m.seconds, "rank": r})
@@ -278,19 +258,24 @@ def _exp(x: float) -> float:
 def sweep_model(model: nn.Module, tokenizer, ranks: Sequence[int], task: str, data: str | None = None,
                 shots: int = 0, limit: int | None = None, batch_size: int = 8, batched_ranks: bool = False,
                 include_base: bool = True, max_seq_len: int = 512, seed: int = 0, padding_side: str | None = None,
-                progress=True, adapter: str = "", base_model: str = "", items: list | None = None) -> SweepResult:
+                progress=True, adapter: str = "", base_model: str = "", items=None, harness: dict | None = None,
+                shot_pool=None) -> SweepResult:
     """Sweep an already loaded QDyLoRA model (see `sweep`); `items` skips reading `data` again."""
     check_task(task)
     ranks = sorted(set(int(r) for r in ranks) - {BASE_RANK})
     check_ranks(model, ranks)
-    items = load_task_data(task, data, limit) if items is None else items
+    items = load_task_data(task, data, limit, harness) if items is None else items
     t0 = time.perf_counter()
     rows, per_subject = evaluate_ranks(model, tokenizer, task, items, ([BASE_RANK] if include_base else []) + ranks,
-                                       shots, seed, batch_size, batched_ranks, max_seq_len, padding_side, progress)
+                                       shots, seed, batch_size, batched_ranks, max_seq_len, padding_side, progress,
+                                       shot_pool)
     settings = {"ranks": ranks, "include_base": include_base, "data": data, "shots": shots, "limit": limit,
-                "n_items": len(items), "batch_size": batch_size, "batched_ranks": batched_ranks,
-                "max_seq_len": max_seq_len, "seed": seed,
+                "batch_size": batch_size, "batched_ranks": batched_ranks, "max_seq_len": max_seq_len, "seed": seed,
                 "padding_side": padding_side or getattr(tokenizer, "padding_side", "right")}
+    if task == "lm-eval":
+        settings.update(items.describe())
+    else:
+        settings.update(n_items=len(items), shots_from="dev split" if shot_pool else "evaluated split")
     return SweepResult(task=task, adapter=adapter, base_model=base_model, rows=rows, per_subject=per_subject,
                        settings=settings, total_seconds=round(time.perf_counter() - t0, 3))
 
@@ -299,10 +284,13 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
           shots: int = 0, limit: int | None = None, batch_size: int = 8, batched_ranks: bool = False,
           model: str | None = None, output: str | Path | None = None, include_base: bool = True,
           max_seq_len: int = 512, seed: int = 0, padding_side: str | None = None, progress=True,
-          save: bool = True, patterns: Sequence[str] | None = None) -> SweepResult:
+          save: bool = True, patterns: Sequence[str] | None = None, harness: dict | None = None,
+          shots_data: str | None = None) -> SweepResult:
     """Load base + adapter, evaluate every rank (default: powers of two and r_max) and the base, write
     sweep_<task>.json/.csv/.png to `output` (default: the adapter folder); rank-pattern files in
-    `patterns` are evaluated beside the ranks (the plot then shows the metric against parameters)."""
+    `patterns` are evaluated beside the ranks (the plot then shows the metric against parameters);
+    `harness` (lm_eval_tasks, include_path, num_fewshot) configures task lm-eval; MMLU k-shot prompts take
+    their examples from the dev split (`shots_data`, or dev files in a `data` folder) when there is one."""
     from ..adapters.files import adapter_config, load_adapter, read_adapter
     from ..load.model import load_model_and_tokenizer
     from ..train.run_folder import find_adapter
@@ -318,16 +306,22 @@ def sweep(adapter_dir: str | Path, ranks: Sequence[int] | None = None, task: str
         raise ConfigError("no ranks to evaluate; give at least one, e.g. --ranks 1,8,64")
     for r in ranks:  # before loading anything heavy
         cfg.check_rank(r)
-    items = load_task_data(task, data, limit)  # fail on bad data before the model loads
+    items = load_task_data(task, data, limit, harness)  # fail on bad data before the model loads
+    shot_pool = None
+    if task == "mmlu" and shots:
+        from .mmlu import dev_pool
+
+        shot_pool = dev_pool(data, shots_data)
     base_name = resolve_base(meta, model)
     base, tokenizer = load_model_and_tokenizer(base_name)
     peft_model = load_adapter(base, adapter_dir)
     result = sweep_model(peft_model, tokenizer, ranks, task, data, shots, limit, batch_size, batched_ranks,
                          include_base, max_seq_len, seed, padding_side, progress,
-                         adapter=str(adapter_dir), base_model=base_name, items=items)
+                         adapter=str(adapter_dir), base_model=base_name, items=items, shot_pool=shot_pool)
     if loaded_patterns:
         add_pattern_rows(result, peft_model, tokenizer, items, loaded_patterns, shots=shots, seed=seed,
-                         batch_size=batch_size, max_seq_len=max_seq_len, padding_side=padding_side, progress=progress)
+                         batch_size=batch_size, max_seq_len=max_seq_len, padding_side=padding_side,
+                         progress=progress, shot_pool=shot_pool)
     if save:
         result.settings["files"] = [str(p) for p in result.save(output)]
     return result
