@@ -42,7 +42,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 WARMUP_RANKS = (1, 9, 16, 17, 32, 33, 64)
 # the GPU run: 8 x 512 tokens per step, the rows the kernel benchmark's M = 4096 uses
 GPU_DEFAULTS = dict(batch_size=8, seq_len=512, steps=8)
-RATIO_TARGET = 0.95  # tokens/s of qdylora at r = 64 over peft's (the foundation issue's target)
+RATIO_TARGET = 0.95  # tokens/s of qdylora at r = 64 over peft's
+SAMPLED_ARMS = ("step/nested", "example/nested", "step/frozen", "example/frozen")
+EXAMPLE_COST_TARGET = 0.95  # tokens/s with per-example ranks over per-step ranks (same update rule)
 
 
 def _base(args, device):
@@ -92,7 +94,7 @@ def run_arm(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, tok = _base(args, device)
-    from qdylora.adapters.attach import attach_adapters, set_rank
+    from qdylora.adapters.attach import attach_adapters, qdylora_config_of, set_rank
     from qdylora.adapters.config import QDyLoRAConfig
     from qdylora.adapters.rank_sampler import RankSampler
     from qdylora.ops import selfcheck
@@ -103,19 +105,27 @@ def run_arm(args) -> dict:
         model = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
                                                 task_type="CAUSAL_LM"))
     else:
+        # r = 64 against LoRA r = 64: all 64 components train (nested); the drawn-rank arms are the real workload
+        rank_per, update = args.sampled.split("/") if args.sampled else ("step", "nested")
         model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, target_modules=TARGETS,
-                                                    # r = 64 against LoRA r = 64: all 64 components train (nested);
-                                                    # the sampled-rank arm is the real DyLoRA workload (frozen)
-                                                    update="frozen" if args.sampled else "nested"))
+                                                    update=update, rank_per=rank_per, seed=0))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # the optimizer `qdylora train --optim auto` uses, the same for both arms: bnb paged AdamW on CUDA;
-    # torch's multi-tensor AdamW on CPU (bnb's CPU optimizer makes one call per tensor, which costs
-    # qdylora's per-component tensors far more than peft's two per layer: ratio 0.67 measured with it)
-    opt = (bnb.optim.PagedAdamW32bit(params, lr=1e-4) if device == "cuda"
-           else torch.optim.AdamW(params, lr=1e-4, foreach=True))
+    schedule = None
+    if args.sampled:
+        # what `qdylora train` runs: draws before every micro-step, ComponentAdamW touching the trained components
+        from qdylora.train.optimizer import ComponentAdamW
+        from qdylora.train.rank_schedule import RankSchedule
+
+        schedule = RankSchedule(model, qdylora_config_of(model))
+        opt = ComponentAdamW(params, lr=1e-4, axes=schedule.axes, active=schedule.active)
+    else:
+        # the optimizer `qdylora train --optim auto` uses for peft: bnb paged AdamW on CUDA; torch's
+        # multi-tensor AdamW on CPU (the r = 64 qdylora arm uses the same, so the two differ in the op only)
+        opt = (bnb.optim.PagedAdamW32bit(params, lr=1e-4) if device == "cuda"
+               else torch.optim.AdamW(params, lr=1e-4, foreach=True))
     sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, seed=0))
     warm = list(WARMUP_RANKS) if args.sampled and args.warmup > 0 else [64] * args.warmup
     ranks = warm + [sampler.sample(i) if args.sampled else 64 for i in range(args.steps)]
@@ -132,8 +142,10 @@ def run_arm(args) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        if args.arm != "peft":
-            set_rank(model, rank)
+        if schedule is not None:
+            schedule.before_micro_step(i, batch["input_ids"].shape[0])
+        if args.arm != "peft" and (schedule is None or i < len(warm)):
+            set_rank(model, rank)  # warm-up: one step per compiled kernel variant
         with autocast:
             loss = model(**batch).loss
         loss.backward()
@@ -143,7 +155,7 @@ def run_arm(args) -> dict:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tokens = args.steps * args.batch_size * args.seq_len
-    res = {"arm": args.arm + ("-sampled" if args.sampled else ""), "tokens_per_s": tokens / dt, "seconds": dt,
+    res = {"arm": f"qdylora {args.sampled}" if args.sampled else args.arm, "tokens_per_s": tokens / dt, "seconds": dt,
            "final_loss": float(loss), "timed_ranks": ranks[len(warm):], "kernel_checks": selfcheck.report()}
     if device == "cuda":
         res["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
@@ -167,7 +179,10 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="CPU smoke test: tiny Llama, 1 round, 1 step, Triton kernels in the interpreter")
     p.add_argument("--arm", choices=["peft", "qdylora"], help=argparse.SUPPRESS)
-    p.add_argument("--sampled", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sampled", default=None, metavar="RANK_PER/UPDATE", help=argparse.SUPPRESS)
+    p.add_argument("--sampled-arms", default=",".join(SAMPLED_ARMS),
+                   help="drawn-rank arms (rank_per/update), trained as `qdylora train` does: RankSchedule draws "
+                        "before every micro-step and ComponentAdamW (32-bit) (default %(default)s)")
     args = p.parse_args(argv)
     if args.dry_run:
         args.config, args.rounds = "llama-tiny", 1
@@ -202,11 +217,21 @@ def summarize(args, device: str, runs: dict, failures: list, cuda: bool, torch_v
         "failures": failures, "complete": False,
     }
     if "peft" in med:
-        for arm, key in (("qdylora", "r64"), ("qdylora-sampled", "sampled")):
-            if arm in med:
+        for arm in med:
+            if arm != "peft":
+                key = "r64" if arm == "qdylora" else arm.split(" ", 1)[1].replace("/", "_")
                 summary[f"ratio_tokens_per_s_qdylora_{key}_vs_peft"] = med[arm]["tokens_per_s"] / med["peft"]["tokens_per_s"]
         if "qdylora" in med:
             summary["ratio_peak_memory_qdylora_r64_vs_peft"] = med["qdylora"][mem_key] / med["peft"][mem_key]
+    for update in ("nested", "frozen"):  # the cost of per-example ranks, against per-step ranks
+        step, example = med.get(f"qdylora step/{update}"), med.get(f"qdylora example/{update}")
+        if step and example:
+            summary[f"ratio_tokens_per_s_example_vs_step_{update}"] = example["tokens_per_s"] / step["tokens_per_s"]
+    for per in ("step", "example"):  # frozen mode's memory against nested mode's
+        nested, frozen = med.get(f"qdylora {per}/nested"), med.get(f"qdylora {per}/frozen")
+        if nested and frozen:
+            summary[f"ratio_peak_memory_frozen_vs_nested_{per}"] = frozen[mem_key] / nested[mem_key]
+    summary["example_cost_target"] = EXAMPLE_COST_TARGET
     return summary
 
 
@@ -229,14 +254,15 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {}
     failures: list[dict] = []
     for rnd in range(args.rounds):
-        for arm, sampled in [("peft", False), ("qdylora", False), ("qdylora", True)]:
+        sampled_arms = [a.strip() for a in args.sampled_arms.split(",") if a.strip()]
+        for arm, sampled in [("peft", None), ("qdylora", None)] + [("qdylora", a) for a in sampled_arms]:
             cmd = [sys.executable, __file__, "--arm", arm, "--config", args.config, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-            cmd += ["--sampled"] if sampled else []
+            cmd += ["--sampled", sampled] if sampled else []
             out = subprocess.run(cmd, capture_output=True, text=True, env=_env(args))
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:
-                name = arm + ("-sampled" if sampled else "")
+                name = f"qdylora {sampled}" if sampled else arm
                 failures.append({"arm": name, "round": rnd, "returncode": out.returncode, "stderr": out.stderr[-3000:]})
                 print(f"round {rnd}: {name:16s} FAILED (exit {out.returncode}):\n{out.stderr[-3000:]}", flush=True)
             else:
@@ -251,10 +277,8 @@ def main(argv=None) -> int:
     print(f"\n{'arm':18s} {'tok/s':>10s} {'spread':>7s} {'peak mem MiB':>13s}")
     for arm, m in summary["median"].items():
         print(f"{arm:18s} {m['tokens_per_s']:10.1f} {summary['spread_over_rounds'][arm]:7.1%} {m[mem_key] / 2**20:13.0f}")
-    for k in ("ratio_tokens_per_s_qdylora_r64_vs_peft", "ratio_tokens_per_s_qdylora_sampled_vs_peft",
-              "ratio_peak_memory_qdylora_r64_vs_peft"):
-        if k in summary:
-            print(f"{k} = {summary[k]:.3f}")
+    for k in sorted(k for k in summary if k.startswith("ratio_")):
+        print(f"{k} = {summary[k]:.3f}")
     print(f"device: {device}; wrote {path}")
     return 1 if failures else 0
 
