@@ -3,7 +3,7 @@
 # NF4 base (~21 GB with double-quantized absmax), adapters r_max=64 on query_key_value / dense /
 # dense_h_to_4h / dense_4h_to_h, paged AdamW 32-bit, gradient checkpointing, batch 1 x 16 accumulation.
 # Check the fit first: qdylora plan --model falcon-40b --seq-len 512 --gpu-memory 32GiB
-# Loading quantizes layer by layer, so CPU RAM stays near the 4-bit size (see qdylora/lowmem_load.py).
+# Loading quantizes layer by layer, so CPU RAM stays near the 4-bit size (qdylora/load/sharded.py).
 set -euo pipefail
 MODEL=${1:-tiiuae/falcon-40b}
 DATA=${2:-../shared/data/alpaca/alpaca_5000.json}

@@ -20,7 +20,8 @@ SETTINGS = [
     ("--alpha", "qdylora", "alpha", float, "scale numerator: rank b uses alpha/b"),
     ("--dropout", "qdylora", "dropout", float, "dropout on the low-rank path's input"),
     ("--update", "qdylora", "update", str,
-     "frozen: only component b trains at rank b (DyLoRA); nested: all components < b train"),
+     "frozen: at rank b only component b trains (DyLoRA's rule); nested: components 1..b train; matryoshka: "
+     "every component trains each step, component i weighted by the training ranks above it"),
     ("--rank-per", "qdylora", "rank_per", str,
      "what one rank draw covers: step (every module and row), example (each sequence), module (each adapted "
      "linear), example+module"),
