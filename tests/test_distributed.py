@@ -52,12 +52,18 @@ def _launch(out: Path, settings: dict, procs: int) -> subprocess.Popen:
 def _run(out: Path, settings: dict, procs: int) -> str:
     proc = _launch(out, settings, procs)
     text, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, text[-4000:]
+    assert proc.returncode == 0, _failure(text)
     return text
 
 
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _failure(text: str) -> str:
+    """The first failing process's own lines (torchrun's summary and the peers' follow-up errors come last)."""
+    first = [line for line in text.splitlines() if line.startswith("[rank0]")]
+    return "\n".join(first[-40:]) + "\n...\n" + text[-1500:]
 
 
 def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file, tmp_path):
