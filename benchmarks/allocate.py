@@ -116,8 +116,9 @@ def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
     """(adapter folder, training record) of a run rank_sampling.py trained with these settings, if --adapters has it."""
     if not args.adapters:
         return None
-    folder = Path(args.adapters) / f"{name}_{steps}_{seed}" / "adapter"
-    if not (folder / "adapter_config.json").is_file():
+    folder = Path(args.adapters) / f"{name}_{steps}_{seed}"
+    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    if not any((folder / f).is_file() for f in ("adapter_config.json", "qdylora_config.json")):
         return None
     arm = {"lora r=" + name[4:] if name.startswith("lora") else name.replace("-", "/"): None}
     rec = {}
@@ -127,7 +128,7 @@ def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
     return folder, {"train_seconds": rec.get("train_wall_s"), "steps": rec.get("steps", steps),
                     "train_loss_first10pct": rec.get("train_loss_first10pct"),
                     "train_loss_last10pct": rec.get("train_loss_last10pct"),
-                    "trained_by": f"benchmarks/rank_sampling.py ({folder.parent.name})"}
+                    "trained_by": f"benchmarks/rank_sampling.py ({name}_{steps}_{seed})"}
 
 
 def pattern_view(ranks: dict, costs: dict) -> dict:
