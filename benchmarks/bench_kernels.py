@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import statistics
@@ -39,31 +38,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-
-SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (N out, K in)
-ROWS = [1, 16, 256, 4096]
-RANKS = [8, 64]
-MODES = ["fwd", "fwd+bwd"]
-METHODS = ["qdylora", "a", "b", "c"]
-METHOD_NAMES = {
-    "qdylora": "fused Triton (NF4)",
-    "a": "dequantize+F.linear+LoRA",
-    "b": "bf16 dense+LoRA",
-    "c": "bnb.matmul_4bit+LoRA",
-}
-R_ALLOC = 64  # lora_A rows / lora_B columns allocated (r_max); the rank is a runtime value
-ALPHA = 16.0
-# the H100 targets: M = 4096 fwd+bwd >= 1.15x faster than (a) and within 1.10x of (b);
-# M <= 16 >= 3x faster than (b) and >= 1.5x faster than bitsandbytes' path (c)
-LARGE_M = 4096
-SMALL_ROWS = 16
-TARGETS = [  # (rows it applies to, mode, baseline, minimum speedup, label)
-    ("large", "fwd+bwd", "a", 1.15, "M=4096 fwd+bwd vs (a) dequant+F.linear+LoRA"),
-    ("large", "fwd+bwd", "b", 1 / 1.10, "M=4096 fwd+bwd vs (b) bf16 dense"),
-    ("small", None, "b", 3.0, "M<=16 vs (b) bf16 dense"),
-    ("small", None, "c", 1.5, "M<=16 vs (c) bnb.matmul_4bit"),
-]
-TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}
+from kernel_cases import modes_for, SHAPES, ROWS, RANKS, MODES, METHODS, METHOD_NAMES, R_ALLOC, ALPHA, LARGE_M, SMALL_ROWS, TARGETS, TOL  # noqa: F401 (gpu_stages reads them from here)
+from bench_kernels_report import CSV_FIELDS, BenchReport
 
 
 def parse_args(argv=None):
@@ -105,11 +81,6 @@ def plan(args):
     return shapes, rows, ranks, r_alloc, dtype, large
 
 
-def modes_for(M: int, large: int, acceptance: bool) -> list[str]:
-    """The modes measured at M rows: in the acceptance subset only those a target applies to."""
-    if acceptance and M == large:
-        return ["fwd+bwd"]
-    return MODES
 
 
 def flops(mode, M, N, K, r):
@@ -137,7 +108,7 @@ def main(argv=None) -> int:
     return Bench(args).run()
 
 
-class Bench:
+class Bench(BenchReport):
     def __init__(self, args):
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbF
@@ -372,130 +343,6 @@ class Bench:
         return {}
 
     # -- reporting -----------------------------------------------------------------------------
-
-    def ratios(self):
-        """One entry per (shape, M, r, mode): speedup of the fused op over each baseline."""
-        out = []
-        for N, K in self.shapes:
-            for M in self.rows:
-                for r in self.ranks:
-                    for mode in modes_for(M, self.large_m, self.args.acceptance):
-                        mine = self.find(N, K, M, r, mode, "qdylora")
-                        entry = dict(shape=f"{N}x{K}", N=N, K=K, M=M, rank=r, mode=mode,
-                                     qdylora_ms=mine.get("time_ms"), correct=mine.get("correct"),
-                                     rel_err=mine.get("rel_err"))
-                        for m in METHODS[1:]:
-                            other = self.find(N, K, M, r, mode, m)
-                            if mine.get("time_ms") and other.get("time_ms"):
-                                entry[f"speedup_vs_{m}"] = other["time_ms"] / mine["time_ms"]
-                        out.append(entry)
-        return out
-
-    def targets(self, ratios):
-        """The H100 targets (TARGETS), checked on every config they apply to."""
-        checks = []
-        for e in ratios:
-            for rows, mode, base, need, label in TARGETS:
-                applies = e["M"] == self.large_m if rows == "large" else e["M"] <= SMALL_ROWS
-                if applies and mode in (None, e["mode"]):
-                    v = e.get(f"speedup_vs_{base}")
-                    checks.append(dict(shape=e["shape"], M=e["M"], rank=e["rank"], mode=e["mode"], target=label,
-                                       need=need, value=v, met=(v is not None and v >= need)))
-        return checks
-
-    def write_json(self, seconds, final=True):
-        """Rows, ratios and targets so far (final=False: written after each config)."""
-        import bitsandbytes
-        import triton
-
-        ratios = self.ratios()
-        targets = self.targets(ratios)
-        meta = dict(gpu=self.gpu, dtype=str(self.dtype), seconds=round(seconds, 1), complete=final,
-                    torch=self.torch.__version__, triton=triton.__version__, bitsandbytes=bitsandbytes.__version__,
-                    date=time.strftime("%Y-%m-%d %H:%M:%S"), quick=self.args.quick, acceptance=self.args.acceptance,
-                    dry_run=self.args.dry_run, r_alloc=self.r_alloc, alpha=ALPHA, large_m=self.large_m,
-                    methods=METHOD_NAMES)
-        tmp = self.paths["json"].with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(_clean(dict(meta=meta, rows=self.rows_out, ratios=ratios, targets=targets)), f, indent=1)
-        os.replace(tmp, self.paths["json"])
-        return ratios, targets
-
-    def finish(self, seconds):
-        ratios, targets = self.write_json(seconds)
-        try:
-            self.plot(ratios)
-        except Exception as e:  # a missing matplotlib must not lose the numbers
-            print(f"plot failed: {type(e).__name__}: {e}")
-
-        print()
-        print(f"{'shape':12s} {'M':>5s} {'r':>3s} {'mode':8s} {'fused ms':>9s} {'vs a':>6s} {'vs b':>6s} "
-              f"{'vs c':>6s} {'rel err':>8s} {'MiB':>7s}")
-        for e in ratios:
-            mine = self.find(e["N"], e["K"], e["M"], e["rank"], e["mode"], "qdylora")
-
-            def fmt(v, spec):
-                return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
-
-            print(f"{e['shape']:12s} {e['M']:5d} {e['rank']:3d} {e['mode']:8s} {fmt(e['qdylora_ms'], '9.4f')} "
-                  f"{fmt(e.get('speedup_vs_a'), '6.2f')} {fmt(e.get('speedup_vs_b'), '6.2f')} "
-                  f"{fmt(e.get('speedup_vs_c'), '6.2f')} {fmt(e['rel_err'] if e['rel_err'] != '' else None, '8.1e')} "
-                  f"{fmt(mine.get('transient_mb'), '7.1f')}" + ("" if e.get("correct") else "  INCORRECT/ERROR"))
-        met = sum(t["met"] for t in targets)
-        print(f"\nH100 targets met: {met}/{len(targets)} (speedup = baseline time / fused time)"
-              + (" -- meaningless in a dry run" if self.args.dry_run else ""))
-        missed = [t for t in targets if not t["met"]]
-        for t in missed[: 0 if self.args.dry_run else 12]:
-            v = "-" if t["value"] is None else f"{t['value']:.2f}"
-            print(f"  missed: {t['shape']} r={t['rank']} {t['mode']}: {t['target']} >= {t['need']:.2f}x (got {v})")
-        if len(missed) > 12 and not self.args.dry_run:
-            print(f"  ... and {len(missed) - 12} more (see the JSON)")
-        errors = [r for r in self.rows_out if r.get("error")]
-        if errors:
-            print(f"\n{len(errors)} measurements failed, e.g. {errors[0]['method']} {errors[0]['N']}x{errors[0]['K']} "
-                  f"M={errors[0]['M']}: {errors[0]['error']}")
-        print(f"\nwrote {self.paths['csv']}, {self.paths['json']}, {self.paths['png']} ({seconds:.0f} s)")
-
-    def plot(self, ratios):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(len(MODES), 1, figsize=(max(8, 0.45 * len(ratios)), 8), squeeze=False)
-        for ax, mode in zip(axes[:, 0], MODES):
-            es = [e for e in ratios if e["mode"] == mode]
-            xs = range(len(es))
-            for i, m in enumerate(METHODS[1:]):
-                ax.bar([x + (i - 1) * 0.27 for x in xs], [e.get(f"speedup_vs_{m}") or 0 for e in es], width=0.27,
-                       label=f"vs ({m}) {METHOD_NAMES[m]}")
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_yscale("log")
-            ax.set_xticks(list(xs))
-            ax.set_xticklabels([f"{e['shape']}\nM={e['M']} r={e['rank']}" for e in es], rotation=90, fontsize=7)
-            ax.set_ylabel("speedup of fused op")
-            ax.set_title(f"{mode} ({self.gpu}, {self.dtype})")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(self.paths["png"], dpi=110)
-        plt.close(fig)
-
-
-def _clean(o):
-    """JSON-safe copy: non-finite floats become null, unknown objects their str()."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if o is None or isinstance(o, (bool, int, str)):
-        return o
-    return str(o)
-
-
-CSV_FIELDS = ["shape", "N", "K", "M", "rank", "mode", "method", "time_ms", "tflops", "gbps", "transient_mb",
-              "rel_err", "correct", "error"]
 
 
 if __name__ == "__main__":

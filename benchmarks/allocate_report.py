@@ -1,0 +1,143 @@
+"""benchmarks/allocate.py's report: per-budget summary against uniform ranks, LoRA and noise; markdown and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STEM = "allocate"
+SCORES = ("loss", "taylor", "norm", "gradnorm")
+
+
+def summarise(res: dict) -> dict:
+    """Per budget: each score's gain over the uniform rank (main run), the noise, the LoRA gap; the winner."""
+    main_key = next(iter(res["runs"]))
+    noise_key = next((k for k in res["runs"] if k.startswith("module") and k != main_key), None)
+    out = {"per_budget": {}, "wins": {}}
+    for R, row in res["runs"][main_key]["heldout"].items():
+        deltas = {s: round(v - row["uniform"], 5) for s, v in row.items() if s != "uniform"}
+        entry = {"uniform": row["uniform"], "delta_vs_uniform": deltas}
+        if noise_key:
+            other = res["runs"][noise_key]["heldout"][R]
+            entry["noise_uniform"] = round(abs(other["uniform"] - row["uniform"]), 5)
+            entry["noise_delta"] = {s: round(abs((other[s] - other["uniform"]) - deltas[s]), 5)
+                                    for s in deltas if s in other}
+        if R in res["lora"]:
+            entry["lora"] = res["lora"][R]["heldout"]
+        best = min(deltas, key=deltas.get) if deltas else None
+        entry["best"] = best
+        out["per_budget"][R] = entry
+        if best:
+            out["wins"][best] = out["wins"].get(best, 0) + 1
+    train_s = res["runs"][main_key]["train_seconds"]
+    out["seconds_per_allocation"] = {}
+    for s in SCORES:
+        secs = [a[s]["seconds"] for a in res["runs"][main_key]["allocations"].values() if s in a]
+        if secs:
+            mean = sum(secs) / len(secs)
+            out["seconds_per_allocation"][s] = {"mean": round(mean, 2), "percent_of_training":
+                                                round(100 * mean / train_s, 2) if train_s else None}
+    return out
+
+
+def save(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{STEM}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{STEM}.md").write_text(markdown(results))
+    plot(results, out_dir / f"{STEM}.png")
+
+
+def _cell(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def markdown(res: dict) -> str:
+    """Tables: held-out loss per budget and score for every run, LoRA, noise, allocation times, pattern shapes."""
+    cfg, summ = res["config"], res["summary"]
+    lines = [f"# Rank allocation from one QDyLoRA run ({res['machine']})", "",
+             f"SmolLM2-135M-Instruct NF4, Alpaca: {cfg['steps']} steps x batch {cfg['batch_size']}, max "
+             f"{cfg['max_seq_len']} tokens, lr {cfg['lr']}, alpha {cfg['alpha']}, r_max {cfg['r_max']}, update "
+             f"{cfg['update']}. Held-out: {cfg['n_heldout']} examples ({cfg['heldout_tokens']} response tokens); "
+             f"calibration: the first {cfg['calib']} training examples ({cfg['calib_tokens']} tokens), "
+             f"{cfg['loss_calib']} for the loss score ({cfg['loss_calib_tokens']} tokens, grid "
+             f"{cfg['loss_grid']}, budgets {cfg['loss_budgets']} of the main run only). Base model without adapter: "
+             f"held-out loss {res['base_loss']:.4f}.", ""]
+    for key, run in res["runs"].items():
+        scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
+        trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"
+        by = f", by {run['trained_by']}" if run.get("trained_by") else ""
+        lines += [f"## Held-out loss, QDyLoRA rank_per={run['rank_per']} seed {run['seed']} (trained in "
+                  f"{trained}{by})", "",
+                  "| avg rank R | uniform R | " + " | ".join(f"{s} pattern" for s in scores) + " | LoRA trained at R |",
+                  "|---|---|" + "---|" * len(scores) + "---|"]
+        for R, row in run["heldout"].items():
+            lo = res["lora"].get(R, {}).get("heldout")
+            cells = [_cell(row["uniform"])] + [
+                (f"{row[s]:.4f} ({row[s] - row['uniform']:+.4f})" if s in row else "") for s in scores]
+            lines.append(f"| {R} | " + " | ".join(cells) + f" | {_cell(lo)} |")
+        lines.append("")
+    lines += ["## Summary (main run: the first above)", "",
+              "| R | best score | its gain vs uniform | noise: uniform across seeds | noise: gain across seeds | "
+              "best pattern vs LoRA at R |", "|---|---|---|---|---|---|"]
+    for R, e in summ["per_budget"].items():
+        best = e["best"]
+        gain = e["delta_vs_uniform"].get(best)
+        vs_lora = None if "lora" not in e or best is None else e["uniform"] + gain - e["lora"]
+        lines.append(f"| {R} | {best} | {gain:+.4f} | {e.get('noise_uniform', float('nan')):.4f} | "
+                     f"{e.get('noise_delta', {}).get(best, float('nan')):.4f} | "
+                     + ("" if vs_lora is None else f"{vs_lora:+.4f}") + " |")
+    lines += ["", "Best score per budget: " + ", ".join(f"{s} {n}x" for s, n in summ["wins"].items()) + ".", "",
+              "## Seconds per allocation (scores + greedy; main run)", "",
+              "| score | mean s | % of the training run |", "|---|---|---|"]
+    for s, t in summ["seconds_per_allocation"].items():
+        lines.append(f"| {s} | {t['mean']:.1f} | {t['percent_of_training']:.2f}% |")
+    main_run = next(iter(res["runs"].values()))
+    lines += ["", "## Where the patterns put their parameters (main run)", "",
+              "| R | score | off | max rank | share per module type | mean rank, layers 0-9 / 10-19 / 20-29 |",
+              "|---|---|---|---|---|---|"]
+    for R, allocs in main_run["allocations"].items():
+        for s, a in allocs.items():
+            share = ", ".join(f"{t.split('.')[-1]} {v:.2f}" for t, v in a["type_share"].items())
+            lm = [v for k, v in sorted(a["layer_mean_rank"].items(), key=lambda kv: int(kv[0]))]
+            thirds = " / ".join(f"{sum(c) / len(c):.1f}" for c in (lm[:10], lm[10:20], lm[20:]) if c)
+            lines.append(f"| {R} | {s} | {a['modules_off']} | {a['max_rank']} | {share} | {thirds} |")
+    done = res.get("total_seconds")
+    lines += ["", (f"Total wall time {done / 60:.1f} min" if done else
+                   f"PARTIAL: {res['elapsed_seconds'] / 60:.1f} min so far") +
+              " (2 CPU cores shared with other jobs: times are noisy).", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(res["runs"].items())[:2]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.4), squeeze=False)
+    markers = {"loss": "s", "taylor": "^", "norm": "D", "gradnorm": "v"}
+    for ax, (key, run) in zip(axes[0], runs):
+        Rs = list(run["heldout"])
+        total = next(iter(run["allocations"].values()))
+        per_rank = next(iter(total.values()))["budget"] / int(Rs[0])
+        ax.plot([int(R) * per_rank for R in Rs], [run["heldout"][R]["uniform"] for R in Rs], "o-", color="k",
+                label="uniform rank R (same run)")
+        for s, m in markers.items():
+            pts = [(run["allocations"][R][s]["params"], run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
+            if pts:
+                ax.plot(*zip(*pts), m, markersize=8, linestyle="none", label=f"{s} pattern")
+        lo = [(int(R) * per_rank, res["lora"][R]["heldout"]) for R in Rs if R in res["lora"]]
+        if lo:
+            ax.plot(*zip(*lo), "*", color="tab:red", markersize=12, linestyle="none", label="LoRA trained at R")
+        ax.axhline(res["base_loss"], color="gray", linestyle=":", label="base model")
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter parameters")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(f"rank_per={run['rank_per']}, seed {run['seed']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"per-module ranks vs uniform ranks, NF4 SmolLM2-135M, {res['config']['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
