@@ -8,6 +8,7 @@ import json
 import bitsandbytes as bnb
 import torch
 from torch import nn
+from tqdm import tqdm
 
 NF4_BLOCKSIZE = 64  # QLoRA's storage: 64 weights per absmax, absmax quantized again in blocks of 256
 NESTED_BLOCKSIZE = 256
@@ -130,7 +131,8 @@ def quantize_model(model: nn.Module, device: torch.device | str | None = None,
     """Replace every linear (nn.Linear, Conv1D) but the skipped ones (LM head) by NF4 Linear4bit, one at a time."""
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
-    for name in quantizable_linear_names(model, skip_modules):
+    names = quantizable_linear_names(model, skip_modules)
+    for name in tqdm(names, desc="quantize", unit="linear", leave=False, disable=len(names) < 64):
         replace_module(model, name, quantize_linear(model.get_submodule(name), device, compute_dtype))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import ModelLoadError
 from .checkpoint import read_tensors, shard_plan, some_names
@@ -252,6 +253,8 @@ def load_quantized_sharded(
     names = _key_names(plan, model, params)
     targets = set(quantizable_linear_names(model, skip_modules))
     pending: dict[str, dict[str, torch.Tensor]] = {}  # linear -> the parts read so far
+    bar = tqdm(total=len(targets), desc="load + quantize", unit="linear", leave=False,
+               disable=len(targets) < 64)  # a tiny model loads in a blink: no bar
     for fname, keys in plan.items():
         # stray keys (old rotary caches ...) are not read: transformers ignores them too
         for key, t in read_tensors(folder / fname, [k for k in keys if k in names]):
@@ -267,8 +270,10 @@ def load_quantized_sharded(
                     _quantize_from(model, mod_name, parts["weight"], parts.get("bias"), device, compute_dtype,
                                    dtype=dtype)
                     del pending[mod_name], parts, t  # drop the full-precision copy now
+                    bar.update(1)
                 continue
             _set_tensor(model, name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    bar.close()
     if pending:
         raise ModelLoadError(f"linears {sorted(pending)[:3]} are missing their weight in the checkpoint")
     _tie_or_check(model)
