@@ -6,7 +6,8 @@ ranks 1, 2, 4, ..., r_max:
   - peft LoRA trained at each of --lora-ranks, and its r_max run truncated to every rank (A[:r], B[:, :r], alpha/r)
   - QDyLoRA arms (--arms): rank per step / example / module x update frozen / nested, Matryoshka (all components
     each step, component i weighted by the scales of the training ranks above it; powers of two), and a
-    per-component learning rate lr * (p_max / p_k) ** power on one arm
+    per-component learning rate lr * (p_max / p_k) ** power on one arm, and per-example ranks with the
+    first row of every micro-step at r_max (max_rows=1: the top components train every step)
   - run-to-run noise: the best QDyLoRA arm of the larger budget and LoRA at --noise-lora-rank again with
     every seed of --noise-seeds (init, data order and rank draws all change)
 Writes benchmarks/results/rank_sampling.{json,md,png} after every arm (--resume skips the arms done).
@@ -41,6 +42,7 @@ ARMS: dict[str, tuple[dict, dict]] = {
     "module/nested": ({"update": "nested", "rank_per": "module"}, {}),
     "matryoshka": ({"update": "matryoshka", "rank_per": "step"}, {}),
     "example/nested lr^0.5": ({"update": "nested", "rank_per": "example"}, {"component_lr_power": 0.5}),
+    "example/nested max-row": ({"update": "nested", "rank_per": "example", "max_rows": 1}, {}),
 }
 
 

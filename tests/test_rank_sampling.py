@@ -180,3 +180,25 @@ def test_rank_per_is_checked(tiny_model_dir, tmp_path, capsys):
     assert "--rank-per" in err and all(f"'{c}'" in err for c in ("step", "example", "module", "example+module"))
     with pytest.raises(Exception, match="rank_per='token' is unknown"):
         QDyLoRAConfig(rank_per="token")
+
+
+def test_max_rows_run_the_first_rows_at_r_max_in_every_micro_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    rec = RankRecorder(monkeypatch)
+    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per="example", update="nested", max_rows=1)
+    t = TrainConfig(max_steps=3, batch_size=3, grad_accum=2, max_seq_len=64, save_steps=10, seed=SEED,
+                    learning_rate=1e-3, optim="adamw_torch", gradient_checkpointing=False, warmup_steps=0)
+    res = train(str(tiny_model_dir), str(data_file), str(tmp_path / "run"), q, t)
+    seen = rec.by_micro_step(len(dylora_layers(res["model"])))
+    plain = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=SEED, rank_per="example"))
+    # row 0 at r_max = 8, rows 1 and 2 the same draws as without max_rows
+    assert [micro[0] for micro in seen] == [[8] + plain.rows(s, k, 3)[1:] for s in range(3) for k in range(2)]
+    assert all(len({tuple(r) for r in micro}) == 1 for micro in seen)  # the same in every module
+
+
+def test_max_rows_needs_per_row_ranks():
+    from qdylora.errors import ConfigError
+
+    for bad in ({"rank_per": "step", "max_rows": 1}, {"rank_per": "module", "max_rows": 1},
+                {"rank_per": "example", "max_rows": -1}):
+        with pytest.raises(ConfigError, match="max_rows"):
+            QDyLoRAConfig(**bad)

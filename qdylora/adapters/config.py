@@ -44,6 +44,9 @@ class QDyLoRAConfig:
     seed: int = 0
     # what one rank draw covers: an optimizer step, a sequence, a module, or a (sequence, module) pair
     rank_per: str = "step"
+    # rank_per example / example+module: the first max_rows rows of every micro-step run at r_max, so the
+    # top components train every step (slimmable networks' "sandwich" rule, its largest-width half)
+    max_rows: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +66,11 @@ class QDyLoRAConfig:
             raise ConfigError(f"update={self.update!r} is unknown; use one of {', '.join(UPDATE_MODES)}.")
         if self.rank_per not in RANK_PER:
             raise ConfigError(f"rank_per={self.rank_per!r} is unknown; use one of {', '.join(RANK_PER)} (--rank-per).")
+        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 0:
+            raise ConfigError(f"max_rows={self.max_rows!r} must be an integer >= 0 (--max-rows).")
+        if self.max_rows and self.rank_per not in ("example", "example+module"):
+            raise ConfigError(f"max_rows (--max-rows) needs ranks drawn per row: --rank-per example or "
+                              f"example+module, not {self.rank_per!r}.")
         if self.rank_sampler not in SAMPLERS:
             raise ConfigError(f"rank_sampler={self.rank_sampler!r} is unknown; use one of {', '.join(SAMPLERS)}.")
         if self.rank_list is not None and self.rank_sampler != "list":

@@ -7,6 +7,7 @@ rows are numbered globally) all draw the same ranks as one uninterrupted run.
 - `rank_per='example'`: one rank per sequence of every micro-batch, the same in every module.
 - `rank_per='module'`: one rank per adapted module per optimizer step (the same for every row).
 - `rank_per='example+module'`: one rank per (sequence, module).
+- `max_rows=k` (with the two above): rows 0..k-1 of every micro-step (numbered globally) run at r_max.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ class RankSampler:
         return rng.choices(self.ranks, weights=self.weights, k=1)[0]
 
     def rows(self, step: int, micro: int, n: int, first_row: int = 0, module: int | None = None) -> list[int]:
-        """Ranks of rows first_row .. first_row+n-1 of micro-step `micro` of step `step` (per module if given)."""
+        """Ranks of rows first_row .. first_row+n-1 of micro-step `micro` of step `step` (per module if given);
+        rows numbered below config.max_rows run at r_max."""
         tag = "" if module is None else f":m{module}"
-        return [self._draw(f"{step}:{micro}:{first_row + i}{tag}") for i in range(n)]
+        top = self.config.max_rows
+        return [self.config.r_max if first_row + i < top else self._draw(f"{step}:{micro}:{first_row + i}{tag}")
+                for i in range(n)]
 
     def module(self, step: int, module: int) -> int:
         """Rank of adapted module number `module` in step `step` for rank_per='module'."""

@@ -25,6 +25,9 @@ SETTINGS = [
     ("--rank-per", "qdylora", "rank_per", str,
      "what one rank draw covers: step (every module and row), example (each sequence), module (each adapted "
      "linear), example+module"),
+    ("--max-rows", "qdylora", "max_rows", int,
+     "with --rank-per example or example+module: the first N rows of every micro-batch run at r_max, so the top "
+     "components train every step"),
     ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,

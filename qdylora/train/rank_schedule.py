@@ -75,12 +75,17 @@ class RankSchedule:
                 per_draw[:r] += p
         if self.config.update == "matryoshka":
             per_draw[:] = 1.0
-        draws = rows_per_step if self.config.rank_per in ("example", "example+module") else 1
+        per_row = self.config.rank_per in ("example", "example+module")
+        draws = rows_per_step if per_row else 1
+        top = min(self.config.max_rows, draws) if per_row else 0  # rows at r_max, not drawn
         if self.config.update == "nested":  # a step trains components < the largest of its draws
             below = torch.tensor([sum(p for r, p in probs.items() if r <= k) for k in range(self.config.r_max)],
                                  dtype=torch.float64)
-            return 1 - below ** draws
-        return 1 - (1 - per_draw) ** draws
+            return torch.ones_like(below) if top else 1 - below ** draws
+        trained = 1 - (1 - per_draw) ** (draws - top)
+        if top and self.config.update == "frozen":
+            trained[self.config.r_max - 1] = 1.0
+        return trained
 
     def lr_scales(self, rows_per_step: int, power: float) -> dict[torch.Tensor, torch.Tensor]:
         """Per-component learning-rate factors (max_p / p_k) ** power for every adapter tensor (0: none)."""

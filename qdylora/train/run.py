@@ -29,7 +29,7 @@ from .run_folder import (ADAPTER_SUBDIR, check_writable, checkpoints, holds_run,
 FREE_ON_RESUME = {"save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing"}
 SETTING_FLAGS = {"model": "--model", "data": "--data", "r_min": "--r-min", "r_max": "--r-max", "alpha": "--alpha",
                  "dropout": "--dropout", "update": "--update", "target_modules": "--target-modules",
-                 "rank_sampler": "--rank-sampler", "rank_per": "--rank-per", "rank_list": "--rank-list",
+                 "rank_sampler": "--rank-sampler", "rank_per": "--rank-per", "max_rows": "--max-rows", "rank_list": "--rank-list",
                  "learning_rate": "--lr", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
                  "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay",
                  "max_grad_norm": "--max-grad-norm", "optim": "--optim", "seed": "--seed", "max_steps": "--max-steps"}
