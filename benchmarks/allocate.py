@@ -36,7 +36,7 @@ from alpaca_arms import attach_lora, fresh_base, split_alpaca, train_arm  # noqa
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-from allocate_report import SCORES, markdown, save, summarise  # noqa: E402
+from allocate_report import SCORES, STEM, markdown, save, summarise  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "runs missing there are trained")
     p.add_argument("--adapters-results", default=str(RESULTS / "rank_sampling.json"),
                    help="rank_sampling.py's results, for the training time of the runs taken from --adapters")
+    p.add_argument("--adapters-only", action="store_true",
+                   help="with --adapters: skip (do not train) the runs it does not hold")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, results under --work-dir only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -232,6 +235,12 @@ def main(argv=None) -> int:
                    "loss_calib_tokens": sum(b.tokens for b in loss_calib)},
         "runs": {}, "lora": {},
     }
+    previous = out_dir / f"{STEM}.json"
+    if args.resume and previous.is_file():
+        old = json.loads(previous.read_text())
+        results.update(runs=old.get("runs", {}), lora=old.get("lora", {}))
+        if "base_loss" in old:
+            results["base_loss"] = old["base_loss"]
     # the main comparison first (main run, LoRA at the budgets up to 8), so a partial result already answers it
     main_key = f"module_s{args.seed}"
     arms = ([("qdylora", "module", args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
@@ -240,8 +249,10 @@ def main(argv=None) -> int:
     for arm_spec in arms:
         if arm_spec[0] == "lora":
             r = arm_spec[1]
-            print(f"== LoRA r={r}", flush=True)
             found = reused(args, f"lora{r}", args.steps, args.seed)
+            if str(r) in results["lora"] or (args.adapters_only and not found):
+                continue
+            print(f"== LoRA r={r}", flush=True)
             if found:
                 from peft import PeftModel
 
@@ -256,10 +267,12 @@ def main(argv=None) -> int:
         else:
             _, rank_per, seed, scores = arm_spec
             key = f"{rank_per}_s{seed}"
+            found = reused(args, f"{rank_per}-{args.update}", args.steps, seed)
+            if key in results["runs"] or (args.adapters_only and not found):
+                continue
             print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
             run_args = argparse.Namespace(**{**vars(args), "seed": seed})
             model = attach_qdylora(copy.deepcopy(base), run_args, rank_per, seed)
-            found = reused(args, f"{rank_per}-{args.update}", args.steps, seed)
             if found:
                 from qdylora.adapters.files import load_adapter
 

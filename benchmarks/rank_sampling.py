@@ -185,17 +185,19 @@ def merge(parts: list[str], out_dir: Path) -> None:
         res["parts"].append({"dir": part, "arms": r["config"]["arms"], "lora_ranks": r["config"]["lora_ranks"],
                              "wall_s": round(r.get("wall_s_previous", 0) + r.get("wall_s_this", 0), 1),
                              "cpu_s": r.get("cpu_s_total", 0), "complete": r.get("complete", False)})
-        res.setdefault("base", r.get("base"))
-        for key in ("arms", "lora_ranks"):
-            res["config"][key] = sorted(set(res["config"][key]) | set(r["config"][key]),
-                                        key=(lambda a: list(ARMS).index(a)) if key == "arms" else int)
-        res["config"]["arm_settings"] = {**res["config"]["arm_settings"], **r["config"]["arm_settings"]}
+        res["base"] = res.get("base") or r.get("base")
         for b, budget in r["budgets"].items():
             into = res["budgets"].setdefault(b, {"seeds": {}})
             for seed, runs in budget.get("seeds", {}).items():
                 into["seeds"].setdefault(seed, {}).update(runs)
             into["noise_arms"] = into.get("noise_arms", []) + [n for n in budget.get("noise_arms", [])
                                                                if n not in into.get("noise_arms", [])]
+    # what the parts ran (a part resumed with other options keeps only its last options in its config)
+    runs = [k for b in res["budgets"].values() for seed in b["seeds"].values() for k in seed]
+    res["config"]["arms"] = [a for a in ARMS if a in runs]
+    res["config"]["lora_ranks"] = sorted({int(k[len(LORA):]) for k in runs if k.startswith(LORA)})
+    res["config"]["budgets"] = sorted(int(b) for b in res["budgets"])
+    res["config"]["arm_settings"] = {a: {**ARMS[a][0], **ARMS[a][1]} for a in res["config"]["arms"]}
     res["complete"] = all(p["complete"] for p in res["parts"])
     res.pop("wall_s_this", None)
     res["wall_s_previous"] = max(p["wall_s"] for p in res["parts"])
