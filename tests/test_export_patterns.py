@@ -11,7 +11,7 @@ from helpers import error_line
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import tiny_nf4
+from helpers import tiny_nf4
 from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.adapters.export import export_pattern, export_peft
