@@ -183,7 +183,10 @@ def test_gguf_base_is_named_by_its_absolute_path_with_a_note(run, tmp_path, caps
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(gguf.resolve())
     note = json.loads((tmp_path / "out" / "qdylora_export.json").read_text())["base_model_note"]
-    assert f"gguf_file='{gguf.name}'" in note and "--base" in note and note in printed
+    assert f"gguf_file='{gguf.name}'" in note and "--base EXPORT/base_config" in note and note in printed
+    # the folder llama.cpp's converter reads as --base: the GGUF's config, with the architecture it dispatches on
+    written = json.loads((tmp_path / "out" / "base_config" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["num_hidden_layers"] == 30
     # what the note says: transformers reads the GGUF's config this way; AutoPeftModelForCausalLM cannot
     assert AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).model_type == "llama"
     with pytest.raises((OSError, ValueError)):

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from ..atomic import atomic_dir
 from ..errors import AdapterError, ConfigError
 from .attach import check_module_ranks
-from .consumers import (base_reference, cast_tensors, check_dtype, conv1d_suffixes, gguf_note, peft_config_dict,
-                        write_peft_config)
+from .consumers import (GGUF_CONFIG_DIR, base_config, base_reference, cast_tensors, check_dtype, conv1d_suffixes,
+                        gguf_note, peft_config_dict, with_architecture, write_peft_config)
 from .files import adapter_config, read_adapter
 
 EXPORT_META_NAME = "qdylora_export.json"
@@ -93,7 +93,7 @@ def pattern_tensors(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int
     return out
 
 
-def _peft_config(alpha: float, ranks: Mapping[str, int], pad: int | None, ref: str | None) -> dict:
+def _peft_config(alpha: float, ranks: Mapping[str, int], pad: int | None, ref: str | None, base_cfg) -> dict:
     """adapter_config.json for the export: one r (padded) or r + rank_pattern (the modules that differ)."""
     if pad is not None:
         r, targets, pattern = pad, _peft_target_names(list(ranks)), {}
@@ -103,7 +103,7 @@ def _peft_config(alpha: float, ranks: Mapping[str, int], pad: int | None, ref: s
         # full names when some modules are off, so peft adapts exactly the modules that are on
         targets = _peft_target_names(list(on)) if len(on) == len(ranks) else sorted(on)
         pattern = {m: b for m, b in on.items() if b != r}
-    conv1d = conv1d_suffixes(ref)
+    conv1d = conv1d_suffixes(base_cfg)
     # peft sets fan_in_fan_out for a Conv1D target (weight stored [in, out]) itself, with a warning; its bnb
     # 4-bit layers ignore it. Writing what peft expects keeps a full-precision GPT-2 base quiet.
     fan_in = bool(conv1d) and all(t.rpartition(".")[2] in conv1d for t in targets)
@@ -132,16 +132,20 @@ def write_export(adapter_dir: str | os.PathLike, meta: dict, tensors: Mapping[st
     pad = padded_rank(ranks, pad_to) if fmt == "uniform" else None
     check_output(Path(adapter_dir), output, overwrite, Path(protect) if protect else None)
     ref = base_reference(meta["base_model"])
-    peft_cfg = _peft_config(cfg.alpha, ranks, pad, ref)
+    base_cfg = base_config(ref)
+    peft_cfg = _peft_config(cfg.alpha, ranks, pad, ref, base_cfg)
     peft_tensors = cast_tensors(pattern_tensors(tensors, ranks, pad), dtype)
     params = sum(b * (tensors[f"{m}.lora_A"].shape[1] + tensors[f"{m}.lora_B"].shape[0]) for m, b in ranks.items())
-    note = gguf_note(ref)
+    gguf_cfg = with_architecture(base_cfg) if ref and ref.endswith(".gguf") else None
+    note = gguf_note(ref, gguf_cfg is not None)
     info = {"format": fmt, "pad_to": pad, "ranks": ranks, "params": int(params), "dtype": dtype,
             "base_model_name_or_path": ref, **({"base_model_note": note} if note else {}),
             "source": str(Path(adapter_dir).resolve()), "qdylora": meta["qdylora"], "base_model": meta["base_model"],
             **(extra or {})}
     with atomic_dir(output) as tmp:
         write_peft_config(tmp, peft_cfg)
+        if gguf_cfg is not None:
+            gguf_cfg.save_pretrained(str(tmp / GGUF_CONFIG_DIR))
         save_file(peft_tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / EXPORT_META_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return output
