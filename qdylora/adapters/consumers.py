@@ -9,6 +9,7 @@ config with a key they do not know (peft <= 0.13 raises TypeError on e.g. `alora
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -105,8 +106,6 @@ def base_config(ref: str | None):
 
 def conv1d_suffixes(cfg) -> set[str]:
     """Module-name suffixes that are transformers Conv1D in a model of config `cfg` (GPT-2 and kin)."""
-    import sys
-
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
