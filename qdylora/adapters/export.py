@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from ..atomic import atomic_dir
 from ..errors import AdapterError, ConfigError
 from .attach import check_module_ranks
+from .consumers import (GGUF_CONFIG_DIR, base_config, base_reference, cast_tensors, check_dtype, conv1d_suffixes,
+                        gguf_note, peft_config_dict, with_architecture, write_peft_config)
 from .files import adapter_config, read_adapter
 
 EXPORT_META_NAME = "qdylora_export.json"
@@ -91,31 +93,35 @@ def pattern_tensors(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int
     return out
 
 
-def _lora_config(meta: dict, alpha: float, ranks: Mapping[str, int], pad: int | None):
-    """peft's LoraConfig for the export: one r (padded) or r + rank_pattern (the modules that differ)."""
-    from peft import LoraConfig
-
-    common = dict(lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                  base_model_name_or_path=meta["base_model"].get("name"))
+def _peft_config(alpha: float, ranks: Mapping[str, int], pad: int | None, ref: str | None, base_cfg) -> dict:
+    """adapter_config.json for the export: one r (padded) or r + rank_pattern (the modules that differ)."""
     if pad is not None:
-        return LoraConfig(r=pad, target_modules=_peft_target_names(list(ranks)), **common)
-    on = {m: b for m, b in ranks.items() if b > 0}
-    r = Counter(on.values()).most_common(1)[0][0]
-    # full names when some modules are off, so peft adapts exactly the modules that are on
-    targets = _peft_target_names(list(on)) if len(on) == len(ranks) else sorted(on)
-    return LoraConfig(r=r, target_modules=targets, rank_pattern={m: b for m, b in on.items() if b != r}, **common)
+        r, targets, pattern = pad, _peft_target_names(list(ranks)), {}
+    else:
+        on = {m: b for m, b in ranks.items() if b > 0}
+        r = Counter(on.values()).most_common(1)[0][0]
+        # full names when some modules are off, so peft adapts exactly the modules that are on
+        targets = _peft_target_names(list(on)) if len(on) == len(ranks) else sorted(on)
+        pattern = {m: b for m, b in on.items() if b != r}
+    conv1d = conv1d_suffixes(base_cfg)
+    # peft sets fan_in_fan_out for a Conv1D target (weight stored [in, out]) itself, with a warning; its bnb
+    # 4-bit layers ignore it. Writing what peft expects keeps a full-precision GPT-2 base quiet.
+    fan_in = bool(conv1d) and all(t.rpartition(".")[2] in conv1d for t in targets)
+    return peft_config_dict(ref, alpha, r, targets, pattern, fan_in)
 
 
 def write_export(adapter_dir: str | os.PathLike, meta: dict, tensors: Mapping[str, torch.Tensor],
                  ranks: Mapping[str, int] | int, output: str | os.PathLike, fmt: str | None = None,
                  pad_to: int | None = None, overwrite: bool = False, protect: str | os.PathLike | None = None,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, dtype: str | None = None) -> Path:
     """Write a read adapter (meta, tensors) at one rank (int) or a rank per module ({module: rank}, every
-    module) as a peft LoRA; see export_ranks. Every input is checked before anything is written."""
+    module) as a peft LoRA in `dtype` (fp32, bf16, fp16; default: the base's compute dtype); see export_ranks.
+    Every input is checked before anything is written."""
     output = Path(output)
     cfg = adapter_config(meta, str(adapter_dir))
     targets = list(meta["targets"])
     fmt = export_format(fmt, pad_to)
+    dtype = check_dtype(dtype, meta["base_model"])
     if isinstance(ranks, Mapping):
         ranks = check_module_ranks(ranks, targets, cfg, complete=True)
         ranks = {t: ranks[t] for t in targets}
@@ -125,14 +131,21 @@ def write_export(adapter_dir: str | os.PathLike, meta: dict, tensors: Mapping[st
         raise ConfigError("the rank pattern switches every module off; there is no adapter to export")
     pad = padded_rank(ranks, pad_to) if fmt == "uniform" else None
     check_output(Path(adapter_dir), output, overwrite, Path(protect) if protect else None)
-    lora = _lora_config(meta, cfg.alpha, ranks, pad)
-    peft_tensors = pattern_tensors(tensors, ranks, pad)
+    ref = base_reference(meta["base_model"])
+    base_cfg = base_config(ref)
+    peft_cfg = _peft_config(cfg.alpha, ranks, pad, ref, base_cfg)
+    peft_tensors = cast_tensors(pattern_tensors(tensors, ranks, pad), dtype)
     params = sum(b * (tensors[f"{m}.lora_A"].shape[1] + tensors[f"{m}.lora_B"].shape[0]) for m, b in ranks.items())
-    info = {"format": fmt, "pad_to": pad, "ranks": ranks, "params": int(params),
+    gguf_cfg = with_architecture(base_cfg) if ref and ref.endswith(".gguf") else None
+    note = gguf_note(ref, gguf_cfg is not None)
+    info = {"format": fmt, "pad_to": pad, "ranks": ranks, "params": int(params), "dtype": dtype,
+            "base_model_name_or_path": ref, **({"base_model_note": note} if note else {}),
             "source": str(Path(adapter_dir).resolve()), "qdylora": meta["qdylora"], "base_model": meta["base_model"],
             **(extra or {})}
     with atomic_dir(output) as tmp:
-        lora.save_pretrained(str(tmp))
+        write_peft_config(tmp, peft_cfg)
+        if gguf_cfg is not None:
+            gguf_cfg.save_pretrained(str(tmp / GGUF_CONFIG_DIR))
         save_file(peft_tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / EXPORT_META_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return output
@@ -140,21 +153,22 @@ def write_export(adapter_dir: str | os.PathLike, meta: dict, tensors: Mapping[st
 
 def export_ranks(adapter_dir: str | os.PathLike, ranks: Mapping[str, int] | int, output: str | os.PathLike,
                  fmt: str | None = None, pad_to: int | None = None, overwrite: bool = False,
-                 protect: str | os.PathLike | None = None) -> Path:
+                 protect: str | os.PathLike | None = None, dtype: str | None = None) -> Path:
     """Write the adapter at one rank (int) or at a rank per module ({module: rank}, every module) as a peft LoRA.
 
     `fmt` 'peft' (rank_pattern) or 'uniform' (zero-padded to `pad_to` or the largest rank, scales folded
-    into B); `protect` is a folder the output must stay outside of (the run folder of the adapter).
+    into B); `protect` is a folder the output must stay outside of (the run folder of the adapter);
+    `dtype` fp32, bf16 or fp16 (default: bf16 when the base computed in bf16, else fp32).
     """
     meta, tensors = read_adapter(adapter_dir)
-    return write_export(adapter_dir, meta, tensors, ranks, output, fmt, pad_to, overwrite, protect)
+    return write_export(adapter_dir, meta, tensors, ranks, output, fmt, pad_to, overwrite, protect, dtype=dtype)
 
 
 def export_peft(adapter_dir: str | os.PathLike, rank: int, output: str | os.PathLike,
                 overwrite: bool = False, protect: str | os.PathLike | None = None,
-                pad_to: int | None = None) -> Path:
+                pad_to: int | None = None, dtype: str | None = None) -> Path:
     """Write a plain peft LoRA adapter of rank `rank` (A[:rank], B[:, :rank], lora_alpha = alpha);
-    with `pad_to`, zero-padded to that rank with the scale ratio folded into B.
+    with `pad_to`, zero-padded to that rank with the scale ratio folded into B; `dtype` as in export_ranks.
 
     `protect` is a folder the output must stay outside of (the run folder the adapter belongs to).
     """
@@ -162,13 +176,14 @@ def export_peft(adapter_dir: str | os.PathLike, rank: int, output: str | os.Path
     cfg = adapter_config(meta, str(adapter_dir))
     rank = cfg.check_rank(rank)
     return write_export(adapter_dir, meta, tensors, rank, output, None, pad_to, overwrite, protect,
-                        extra={"exported_rank": rank, "scale": cfg.alpha / rank})
+                        extra={"exported_rank": rank, "scale": cfg.alpha / rank}, dtype=dtype)
 
 
 def export_pattern(adapter_dir: str | os.PathLike, pattern, output: str | os.PathLike, fmt: str | None = None,
                    pad_to: int | None = None, overwrite: bool = False,
-                   protect: str | os.PathLike | None = None) -> Path:
-    """Write a rank pattern (a RankPattern, or the path of its JSON file) of the adapter as a peft LoRA."""
+                   protect: str | os.PathLike | None = None, dtype: str | None = None) -> Path:
+    """Write a rank pattern (a RankPattern, or the path of its JSON file) of the adapter as a peft LoRA
+    (`dtype` as in export_ranks)."""
     from ..allocate.pattern import RankPattern, check_pattern, costs_from_tensors, read_pattern
 
     if not isinstance(pattern, RankPattern):
@@ -176,4 +191,4 @@ def export_pattern(adapter_dir: str | os.PathLike, pattern, output: str | os.Pat
     meta, tensors = read_adapter(adapter_dir)
     check_pattern(pattern, costs_from_tensors(list(meta["targets"]), tensors), adapter_config(meta, str(adapter_dir)))
     return write_export(adapter_dir, meta, tensors, pattern.ranks, output, fmt, pad_to, overwrite, protect,
-                        extra={"pattern": pattern.path, "score": pattern.score, "budget": pattern.budget})
+                        extra={"pattern": pattern.path, "score": pattern.score, "budget": pattern.budget}, dtype=dtype)

@@ -180,6 +180,9 @@ def base_fingerprint(model: nn.Module) -> dict:
     digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     fp = {"name": str(name), "shapes_sha256": digest, "num_4bit_linears": len(items)}
+    dtypes = {m.compute_dtype for m in quantized_linears(model).values()} - {None}
+    if len(dtypes) == 1:  # what the base computes in (bf16 on CUDA, fp32 on the CPU): an export's default dtype
+        fp["compute_dtype"] = str(dtypes.pop()).removeprefix("torch.")
     source = getattr(model, "qdylora_source", None)
     if source:
         fp["source"] = str(source)  # what to pass as --model to load this base again
