@@ -63,6 +63,8 @@ def targets(res: dict) -> dict | None:
     if nz is None:
         return None
     thr, arms = nz["threshold"], [a for a in res["config"]["arms"] if a in runs]
+    if not arms:  # a part with LoRA runs only
+        return None
     best = best_arm(runs, arms)
     q, lora = runs[best]["by_rank"], lora_losses(runs)
     vs = {r: {"qdylora": q[r], "lora": lora[r], "diff": round(q[r] - lora[r], 5),

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# nested updates: at this short CPU budget the frozen rule (the CLI default) barely moves in 60 steps
-# (benchmarks/results/dylora_vs_lora.md); pass --update frozen for the DyLoRA paper's rule
-exec .venv/bin/qdylora train --output "${1:-runs/demo}" --overwrite --update nested --max-steps 60 --lr 1e-3 "${@:2}"
+# the CLI's defaults: nested updates, one rank per example, the first row of every batch at r_max
+# (benchmarks/results/rank_sampling.md); --update frozen --rank-per step is the DyLoRA paper's rule
+exec .venv/bin/qdylora train --output "${1:-runs/demo}" --overwrite --max-steps 60 --lr 1e-3 "${@:2}"

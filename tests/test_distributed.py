@@ -33,7 +33,7 @@ def data_file(tmp_path_factory):
 
 def _settings(model_dir, data, batch, steps=4, **q):
     return {"model": str(model_dir), "data": str(data),
-            "qdylora": {"r_max": 8, "seed": 3, "update": "frozen", "rank_per": "example", **q},
+            "qdylora": {"r_max": 8, "seed": 3, "update": "frozen", "rank_per": "example", "max_rows": 0, **q},
             "train": {"max_steps": steps, "batch_size": batch, "max_seq_len": 64, "optim": "adamw_torch",
                       "learning_rate": 5e-3, "warmup_steps": 0, "seed": 3, "save_steps": 2, "weight_decay": 0.1}}
 

@@ -79,7 +79,7 @@ def test_resume_without_flags_continues_the_saved_run(run6, tiny_model_dir, data
 
 
 @pytest.mark.parametrize("flag,value,saved", [("--r-max", "16", "8"), ("--alpha", "16", "8.0"), ("--lr", "1e-3", "0.005"),
-                                               ("--update", "nested", "'frozen'"), ("--seed", "4", "3"),
+                                               ("--update", "frozen", "'nested'"), ("--seed", "4", "3"),
                                                ("--batch-size", "4", "2")])
 def test_resume_refuses_a_setting_that_changes_the_run(run6, capsys, flag, value, saved):
     _cut_after(run6, 4)

@@ -25,7 +25,7 @@ def data_file(tmp_path):
 
 
 def _cfgs(steps=6, **kw):
-    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=16, seed=11)
+    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=16, seed=11, rank_per="step", update="frozen")
     t = TrainConfig(max_steps=steps, batch_size=4, grad_accum=2, max_seq_len=48, save_steps=2,
                     warmup_steps=1, learning_rate=5e-3, optim="paged_adamw_32bit", **kw)
     return q, t
@@ -56,7 +56,7 @@ def test_every_micro_step_runs_the_step_rank_and_the_adapter_is_saved(tiny_model
     res = _run(tiny_model_dir, data_file, tmp_path / "run")
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
-    sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=11))
+    sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=11, rank_per="step"))
     # grad_accum 2: both micro-steps of step t ran at the step's documented draw, in every layer
     assert seen == [{sampler.sample(t)} for t in range(6) for _ in range(2)]
     assert [r["rank"] for r in log] == [sampler.sample(t) for t in range(6)]

@@ -40,15 +40,19 @@ class QDyLoRAConfig:
     geometric_p: float = 0.1
     # list: ranks drawn uniformly from this list
     rank_list: list[int] | None = None
-    update: str = "frozen"
+    # the defaults are the rule and granularity benchmarks/rank_sampling.py found best (README, "Rank sampling")
+    update: str = "nested"
     seed: int = 0
     # what one rank draw covers: an optimizer step, a sequence, a module, or a (sequence, module) pair
-    rank_per: str = "step"
+    rank_per: str = "example"
     # rank_per example / example+module: the first max_rows rows of every micro-step run at r_max, so the
-    # top components train every step (slimmable networks' "sandwich" rule, its largest-width half)
-    max_rows: int = 0
+    # top components train every step (slimmable networks' "sandwich" rule, its largest-width half);
+    # None: 1 with per-row ranks, else 0
+    max_rows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_rows is None:
+            self.max_rows = 1 if self.rank_per in ("example", "example+module") else 0
         self.validate()
 
     def validate(self) -> None:
@@ -125,7 +129,8 @@ class QDyLoRAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if strict and set(d) - names:
             raise ConfigError(f"unknown adapter setting(s) {', '.join(sorted(set(d) - names))}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # settings saved before max_rows existed ran without rows at r_max
+        return cls(**{"max_rows": 0, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

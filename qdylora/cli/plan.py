@@ -41,8 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="optimizer whose state to count (default %(default)s; adamw = adamw_torch)")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="plan without gradient checkpointing (all layers' activations kept)")
-    p.add_argument("--update", default="frozen", choices=("frozen", "nested"),
-                   help="DyLoRA update rule; frozen keeps smaller B gradients (default %(default)s)")
+    p.add_argument("--update", default="nested", choices=("frozen", "nested"),
+                   help="DyLoRA update rule, as in qdylora train; frozen keeps smaller B gradients "
+                        "(default %(default)s)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="compute dtype and dtype of the unquantized parameters (default %(default)s)")
     p.add_argument("--kernel", default=None, choices=("triton", "reference"),

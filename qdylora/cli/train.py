@@ -20,14 +20,13 @@ SETTINGS = [
     ("--alpha", "qdylora", "alpha", float, "scale numerator: rank b uses alpha/b"),
     ("--dropout", "qdylora", "dropout", float, "dropout on the low-rank path's input"),
     ("--update", "qdylora", "update", str,
-     "frozen: at rank b only component b trains (DyLoRA's rule); nested: components 1..b train; matryoshka: "
-     "every component trains each step, component i weighted by the training ranks above it"),
+     "nested: at rank b components 1..b train; frozen: only component b trains (the DyLoRA paper's rule)"),
     ("--rank-per", "qdylora", "rank_per", str,
      "what one rank draw covers: step (every module and row), example (each sequence), module (each adapted "
      "linear), example+module"),
     ("--max-rows", "qdylora", "max_rows", int,
      "with --rank-per example or example+module: the first N rows of every micro-batch run at r_max, so the top "
-     "components train every step"),
+     "components train every step (default: 1 with per-row ranks, else 0)"),
     ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,
@@ -46,7 +45,9 @@ SETTINGS = [
     ("--save-total-limit", "train", "save_total_limit", int,
      "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
 ]
-CHOICES = {"update": UPDATE_MODES, "rank_sampler": SAMPLERS, "optim": OPTIMIZERS, "rank_per": RANK_PER}
+# matryoshka stays a Python option (benchmarks/rank_sampling.py): it lost at every rank there
+CHOICES = {"update": tuple(m for m in UPDATE_MODES if m != "matryoshka"), "rank_sampler": SAMPLERS,
+           "optim": OPTIMIZERS, "rank_per": RANK_PER}
 
 
 def _default(group: str | None, field: str):
