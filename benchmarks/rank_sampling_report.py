@@ -183,7 +183,7 @@ def timing_lines(res: dict) -> list[str]:
     for bs, b in res["budgets"].items():
         for seed, runs in b.get("seeds", {}).items():
             for k, e in runs.items():
-                if k != TRUNC:
+                if k != TRUNC and "train_wall_s" in e:
                     out.append(f"| {bs} | {k} (seed {seed}) | {e['train_wall_s']:.0f} | {e['s_per_step']} | "
                                f"{e['cpu_s_per_step']} | {e['eval_wall_s']:.0f} | {e['load_avg_train']} |")
     total = res.get("total_seconds", res.get("wall_s_previous", 0) + res.get("wall_s_this", 0))

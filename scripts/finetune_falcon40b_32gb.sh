@@ -9,7 +9,7 @@ MODEL=${1:-tiiuae/falcon-40b}
 DATA=${2:-../shared/data/alpaca/alpaca_5000.json}
 OUT=${3:-runs/falcon40b-qdylora}
 qdylora train --model "$MODEL" --data "$DATA" --output "$OUT" \
-  --r-min 1 --r-max 64 --alpha 16 --update frozen \
+  --r-min 1 --r-max 64 --alpha 16 \
   --target-modules query_key_value,dense,dense_h_to_4h,dense_4h_to_h \
   --max-steps 1875 --batch-size 1 --grad-accum 16 --max-seq-len 512 \
   --lr 1e-4 --warmup-steps 60 --optim paged_adamw_32bit --save-steps 250 --seed 0 "${@:4}"

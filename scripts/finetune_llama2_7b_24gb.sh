@@ -8,6 +8,6 @@ MODEL=${1:-meta-llama/Llama-2-7b-hf}
 DATA=${2:-../shared/data/alpaca/alpaca_5000.json}
 OUT=${3:-runs/llama2-7b-qdylora}
 qdylora train --model "$MODEL" --data "$DATA" --output "$OUT" \
-  --r-min 1 --r-max 64 --alpha 16 --update frozen \
+  --r-min 1 --r-max 64 --alpha 16 \
   --max-steps 1875 --batch-size 4 --grad-accum 4 --max-seq-len 512 \
   --lr 2e-4 --warmup-steps 60 --optim paged_adamw_32bit --save-steps 250 --seed 0 "${@:4}"
