@@ -33,7 +33,7 @@ def test_smollm2_alpaca_loss_falls_and_every_rank_evaluates(tmp_path):
     seen = collate(list(train_ds.select(range(4))))  # training examples: their loss must fall
     held = collate(list(build_dataset(recs[4000:4004], tok, 64)))
     # nested: in 24 steps the frozen rule trains each component ~0.4 times (rank 1 likely never)
-    model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, seed=0, update="nested"))
+    model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, seed=0, update="nested", rank_per="step"))
     before = _loss(model, seen)  # B = 0: the base model's loss, the same at every rank
     cfg = TrainConfig(max_steps=24, batch_size=2, max_seq_len=64, learning_rate=1e-3, warmup_steps=2,
                       gradient_checkpointing=False, save_steps=100, optim="auto")
