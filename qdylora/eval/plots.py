@@ -20,25 +20,35 @@ def _y_axis(ax, values: list[float]) -> None:
         ax.set_ylim(-0.02, 1.0)
 
 
+def _split(result) -> tuple[list[dict], dict | None]:
+    """(rows at a rank >= 1, the base row or None)."""
+    ranked = [r for r in result.rows if r.get("rank") not in (None, 0)]
+    return ranked, next((r for r in result.rows if r.get("rank") == 0), None)
+
+
+def _finish(ax, key: str, label: str, xlabel: str, base: dict | None, ys: list, legend_size: int) -> None:
+    """The base model's line, labels, y-range, grid and legend of one metric's panel."""
+    if base is not None and base.get(key) is not None:
+        ax.axhline(base[key], color="gray", linestyle="--", label=BASE_LABEL)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(label)
+    _y_axis(ax, ys + ([base.get(key)] if base else []))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def plot_sweep(result, path: str | Path) -> None:
     """Each of result.plot_metrics() against rank (log2 axis), the base model as a dashed horizontal line."""
     plt = _pyplot()
-    ranked = [r for r in result.rows if r.get("rank") not in (None, 0)]
-    base = next((r for r in result.rows if r.get("rank") == 0), None)
+    ranked, base = _split(result)
     metrics = result.plot_metrics()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):
         ys = [r.get(key) for r in ranked]
         ax.plot([r["rank"] for r in ranked], ys, "o-", label="adapter at rank r")
-        if base is not None and base.get(key) is not None:
-            ax.axhline(base[key], color="gray", linestyle="--", label=BASE_LABEL)
         ax.set_xscale("log", base=2)
         ax.set_xticks([r["rank"] for r in ranked], [str(r["rank"]) for r in ranked])
-        ax.set_xlabel("rank")
-        ax.set_ylabel(label)
-        _y_axis(ax, ys + ([base.get(key)] if base else []))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, key, label, "rank", base, ys, 8)
     fig.suptitle(f"rank sweep of {run_name(result.adapter)}, task {result.task_label()}")
     _save(fig, plt, path)
 
@@ -46,9 +56,8 @@ def plot_sweep(result, path: str | Path) -> None:
 def plot_params(result, path: str | Path) -> None:
     """Each metric against adapter parameters: uniform ranks as a line, rank patterns as points."""
     plt = _pyplot()
-    ranked = [r for r in result.rows if r.get("rank") not in (None, 0)]
+    ranked, base = _split(result)
     patterns = [r for r in result.rows if r.get("pattern")]
-    base = next((r for r in result.rows if r.get("rank") == 0), None)
     metrics = result.plot_metrics()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):
@@ -59,14 +68,8 @@ def plot_params(result, path: str | Path) -> None:
                         fontsize=7)
         for r in patterns:
             ax.plot([r["params"]], [r.get(key)], "*", markersize=11, label=f"pattern {r['label']}")
-        if base is not None and base.get(key) is not None:
-            ax.axhline(base[key], color="gray", linestyle="--", label=BASE_LABEL)
         ax.set_xscale("log")
-        ax.set_xlabel("adapter parameters")
-        ax.set_ylabel(label)
-        _y_axis(ax, ys + [r.get(key) for r in patterns])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, key, label, "adapter parameters", base, ys + [r.get(key) for r in patterns], 7)
     fig.suptitle(f"{run_name(result.adapter)}, task {result.task_label()}: uniform ranks and rank patterns")
     _save(fig, plt, path)
 
