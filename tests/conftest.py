@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,3 +45,11 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A small Alpaca-style .jsonl training file (the distributed tests)."""
+    p = tmp_path_factory.mktemp("data") / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"instruction": f"Repeat {i}.", "output": f"{i} {i} {i}"}) for i in range(40)))
+    return p

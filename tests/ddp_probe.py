@@ -26,6 +26,13 @@ def forward(layer, x, *a, **k):
 
 
 DyLoRALinear.forward = forward
-run_training(out, settings, resume=resume)
+result = run_training(out, settings, resume=resume)
+if "model" in result:  # what this process holds of every parameter (FSDP: its shards)
+    from qdylora.shards import local
+
+    params = list(result["model"].parameters())
+    with open(os.path.join(os.path.dirname(os.path.abspath(out)), f"held_{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump({"numel": sum(p.numel() for p in params), "bytes": sum(local(p).numel() * p.element_size() for p in params),
+                   "full_bytes": sum(p.numel() * p.element_size() for p in params)}, f)
 with open(os.path.join(os.path.dirname(os.path.abspath(out)), f"ranks_{os.environ.get('RANK', '0')}.json"), "w") as f:
     json.dump(seen, f)

@@ -7,70 +7,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from launch import PROBE, launch, log, needs_torchrun, run, settings
 from safetensors.torch import load_file
 
 from qdylora.adapters.rank_sampler import RankSampler
 from qdylora.adapters.config import QDyLoRAConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = str(Path(__file__).with_name("ddp_probe.py"))
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed beside python")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "d.jsonl"
-    p.write_text("\n".join(json.dumps({"instruction": f"Repeat {i}.", "output": f"{i} {i} {i}"}) for i in range(40)))
-    return p
-
-
-def _settings(model_dir, data, batch, steps=4, **q):
-    return {"model": str(model_dir), "data": str(data),
-            "qdylora": {"r_max": 8, "seed": 3, "update": "frozen", "rank_per": "example", "max_rows": 0, **q},
-            "train": {"max_steps": steps, "batch_size": batch, "max_seq_len": 64, "optim": "adamw_torch",
-                      "learning_rate": 5e-3, "warmup_steps": 0, "seed": 3, "save_steps": 2, "weight_decay": 0.1}}
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
-def _launch(out: Path, settings: dict, procs: int) -> subprocess.Popen:
-    cmd = ([TORCHRUN, "--nproc_per_node", str(procs), "--master_port", str(29500 + os.getpid() % 1000)] if procs > 1
-           else [sys.executable])
-    return subprocess.Popen(cmd + [PROBE, str(out), json.dumps(settings)], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _run(out: Path, settings: dict, procs: int) -> str:
-    proc = _launch(out, settings, procs)
-    text, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, _failure(text)
-    return text
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def _failure(text: str) -> str:
-    """The first failing process's own lines (torchrun's summary and the peers' follow-up errors come last)."""
-    first = [line for line in text.splitlines() if line.startswith("[rank0]")]
-    return "\n".join(first[-40:]) + "\n...\n" + text[-1500:]
+pytestmark = needs_torchrun
 
 
 def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file, tmp_path):
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
-    _run(one, _settings(tiny_model_dir, data_file, batch=4, rank_sampler="list", rank_list=[2, 5]), procs=1)
-    _run(two, _settings(tiny_model_dir, data_file, batch=2, rank_sampler="list", rank_list=[2, 5]), procs=2)
-    for a, b in zip(_log(one), _log(two), strict=True):
+    run(one, settings(tiny_model_dir, data_file, batch=4, rank_sampler="list", rank_list=[2, 5]), procs=1)
+    run(two, settings(tiny_model_dir, data_file, batch=2, rank_sampler="list", rank_list=[2, 5]), procs=2)
+    for a, b in zip(log(one), log(two), strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     w1, w2 = (load_file(str(d / "adapter" / "qdylora_adapter.safetensors")) for d in (one, two))
     for name in w1:
@@ -96,21 +50,21 @@ def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file,
         assert not torch.equal(A[1], A0[1])
     # one writer: every process's RNG state, one log line per step, no staging left
     assert {p.name for p in (two / "checkpoint-4").iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "adapter"}
-    assert [r["step"] for r in _log(two)] == [1, 2, 3, 4]
+    assert [r["step"] for r in log(two)] == [1, 2, 3, 4]
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
 
 
 def test_step_ranks_are_the_same_in_every_process(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    _run(out, _settings(tiny_model_dir, data_file, batch=2, steps=3, rank_per="step"), procs=2)
+    run(out, settings(tiny_model_dir, data_file, batch=2, steps=3, rank_per="step"), procs=2)
     r0, r1 = (json.loads((tmp_path / f"ranks_{i}.json").read_text()) for i in (0, 1))
     assert r0 == r1 and len({tuple(r) for r in r0}) > 1
 
 
 def test_kill_one_process_then_resume_with_another_process_count(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    settings = _settings(tiny_model_dir, data_file, batch=2, steps=40)
-    proc = _launch(out, settings, procs=2)
+    s = settings(tiny_model_dir, data_file, batch=2, steps=40)
+    proc = launch(out, s, procs=2)
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2").is_dir() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -119,15 +73,15 @@ def test_kill_one_process_then_resume_with_another_process_count(tiny_model_dir,
     os.kill(int(workers[-1]), signal.SIGKILL)  # one worker dies; torchrun stops the other
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    settings["train"]["max_steps"] = 6
-    _run(out, {**settings, "resume": True}, procs=1)
-    steps = [r["step"] for r in _log(out)]
+    s["train"]["max_steps"] = 6
+    run(out, {**s, "resume": True}, procs=1)
+    steps = [r["step"] for r in log(out)]
     assert steps == list(range(1, 7))
     assert json.loads((out / "adapter" / "qdylora_config.json").read_text())["global_step"] == 6
 
 
 def test_different_seeds_per_process_are_refused(tiny_model_dir, data_file, tmp_path):
-    proc = _launch(tmp_path / "run", {**_settings(tiny_model_dir, data_file, batch=2), "seed_per_process": True}, 2)
+    proc = launch(tmp_path / "run", {**settings(tiny_model_dir, data_file, batch=2), "seed_per_process": True}, 2)
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "different --seed [0, 1]" in text
     assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ import torch
 
 # first: kernel_setup imports triton (under the interpreter without CUDA) before bitsandbytes does
 from kernel_setup import (TOLERANCES, check_against_formula, formula, interpreter_env, make_case,  # noqa: F401
-                          only_in_child, qk)
+                          only_in_child, qk, run)
 
 from qdylora.ops.reference import ReferenceQDyLoRALinear  # noqa: E402
 from qdylora_kernels.common import SMALL_M  # noqa: E402
@@ -88,3 +88,30 @@ def test_kernels_do_not_import_qdylora():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _stored_as(case: dict, dtype: torch.dtype) -> dict:
+    """The case with its packed NF4 bytes stored as `dtype` (bitsandbytes' quant_storage: the same bytes)."""
+    return {**case, "weight": case["weight"].reshape(-1).view(dtype).unsqueeze(1)}
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_reference_op_reads_the_packed_bytes_in_any_storage_dtype(storage):
+    case = case_for("split", torch.float32)
+    want, got = (run(ReferenceQDyLoRALinear.apply, c, "nested") for c in (case, _stored_as(case, storage)))
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.kernels
+@ZERO_RANK_SCALE
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_kernels_read_the_packed_bytes_in_any_storage_dtype(path, storage):
+    case = case_for(path, torch.float32)
+    stored = _stored_as(case, storage)
+    assert qk.unsupported(stored["x"], stored["weight"], stored["quant_state"], stored["bias"], stored["lora_A"],
+                          stored["lora_B"], stored["ranks"]) is None
+    want, got = (run(qk.triton_qdylora_linear, c, "nested") for c in (case, stored))
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.equal(a, b)

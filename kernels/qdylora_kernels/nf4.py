@@ -75,9 +75,11 @@ def unsupported_reason(x, weight, quant_state, bias, lora_A, lora_B, x_lora, int
     N, K = int(qs.shape[0]), int(qs.shape[1])
     if K % QBLOCK != 0:
         return f"in_features {K} is not a multiple of {QBLOCK}"
-    if weight.dtype != torch.uint8 or weight.numel() * 2 != N * K or (weight.dim() == 2 and weight.shape[0] == 1):
-        return f"weight {tuple(weight.shape)} {weight.dtype} is not bitsandbytes' packed [N*K/2, 1] uint8 layout"
-    if weight.storage_offset() % 4 != 0 or not weight.is_contiguous():
+    # the packed bytes may be stored as any dtype (bnb's quant_storage: bf16 for FSDP); only the bytes count
+    nbytes = weight.numel() * weight.element_size()
+    if nbytes * 2 != N * K or (weight.dim() == 2 and weight.shape[0] == 1):
+        return f"weight {tuple(weight.shape)} {weight.dtype} is not bitsandbytes' packed [N*K/2 bytes, 1] layout"
+    if (weight.storage_offset() * weight.element_size()) % 4 != 0 or not weight.is_contiguous():
         return "the packed weight is not a contiguous, 4-byte aligned buffer"
     if N * K // 2 > INT32_MAX or x.numel() > INT32_MAX or x.shape[0] * N > INT32_MAX:
         return "tensors too large for the kernels' 32-bit offsets"

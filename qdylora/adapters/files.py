@@ -30,9 +30,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write every DyLoRA layer's A [r_max, in] and B [out, r_max] + config, atomically."""
-    params = adapter_parameters(model)
+def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None,
+                 params: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """Write every DyLoRA layer's A [r_max, in] and B [out, r_max] + config, atomically.
+
+    `params`: the adapter_parameters(model) gathered beforehand (under FSDP every process gathers, one writes).
+    """
+    params = adapter_parameters(model) if params is None else params
     if not params:
         raise AdapterError("the model has no qdylora adapters to save")
     cfg = dylora_layers(model)[0].qdylora_config

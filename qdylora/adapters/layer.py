@@ -19,6 +19,7 @@ from torch import nn
 
 from ..load.quantize import packed_nf4
 from ..ops import qdylora_linear
+from ..shards import full, local, row_offset
 from .config import QDyLoRAConfig
 from .storage import adapter_tensor_shapes
 
@@ -85,9 +86,10 @@ class DyLoRALinear(nn.Module, LoraLayer):
 
     @torch.no_grad()
     def factors(self, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All r_max components as (A [r_max, in], B [out, r_max]), detached copies."""
+        """All r_max components as (A [r_max, in], B [out, r_max]), detached copies (gathered whole under FSDP:
+        then every process must call it)."""
         name = adapter_name or self._name()
-        return self.lora_dyA[name].detach().clone(), self.lora_dyB[name].detach().clone()
+        return full(self.lora_dyA[name]).detach().clone(), full(self.lora_dyB[name]).detach().clone()
 
     @torch.no_grad()
     def set_factors(self, A: torch.Tensor, B: torch.Tensor, adapter_name: str | None = None) -> None:
@@ -98,8 +100,9 @@ class DyLoRALinear(nn.Module, LoraLayer):
             raise ValueError(f"A{tuple(A.shape)} B{tuple(B.shape)} do not fit A{want_a} B{want_b} "
                              f"(r_max={self.qdylora_configs[name].r_max}, in={self.in_features}, "
                              f"out={self.out_features})")
-        self.lora_dyA[name].copy_(A)
-        self.lora_dyB[name].copy_(B)
+        for param, value in ((self.lora_dyA[name], A), (self.lora_dyB[name], B)):
+            mine = local(param)  # under FSDP: the rows this process holds
+            mine.copy_(value.narrow(0, row_offset(param), mine.shape[0]))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()

@@ -10,7 +10,7 @@ import sys
 
 from ..adapters.config import RANK_PER, SAMPLERS, UPDATE_MODES, QDyLoRAConfig
 from ..errors import ConfigError
-from ..train.config import OPTIMIZERS, TrainConfig
+from ..train.config import OPTIMIZERS, QUANT_STORAGES, TrainConfig
 
 # flag, config ('qdylora' / 'train' / None for run-level), field, type, help
 SETTINGS = [
@@ -41,13 +41,15 @@ SETTINGS = [
     ("--max-grad-norm", "train", "max_grad_norm", float, "gradient clipping norm (0: no clipping)"),
     ("--optim", "train", "optim", str,
      "optimizer; auto = bitsandbytes paged AdamW 32-bit on CUDA, torch AdamW on CPU"),
+    ("--quant-storage", "train", "quant_storage", str,
+     "dtype the packed 4-bit bytes are stored as (bnb's quant_storage); auto: uint8, or the model's dtype with --fsdp"),
     ("--save-steps", "train", "save_steps", int, "write a checkpoint every N steps"),
     ("--save-total-limit", "train", "save_total_limit", int,
      "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
 ]
 # matryoshka stays a Python option (benchmarks/rank_sampling.py): it lost at every rank there
 CHOICES = {"update": tuple(m for m in UPDATE_MODES if m != "matryoshka"), "rank_sampler": SAMPLERS,
-           "optim": OPTIMIZERS, "rank_per": RANK_PER}
+           "optim": OPTIMIZERS, "rank_per": RANK_PER, "quant_storage": QUANT_STORAGES}
 
 
 def _default(group: str | None, field: str):
@@ -71,6 +73,9 @@ def register(sub) -> None:
         p.add_argument(flag, dest=field, type=typ, default=None, help=text + shown, **extra)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
                    help="keep activations (faster, more memory)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard the 4-bit model, adapters, gradients and optimizer state over the processes of "
+                        "torchrun / accelerate launch (FSDP2); without it several processes run DDP")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint, "
                    "with its own settings")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output (only after the new "
@@ -109,6 +114,8 @@ def given_settings(args) -> dict:
         q["rank_sampler"] = "list"
     if args.gradient_checkpointing is not None:
         t["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.fsdp:
+        t["fsdp"] = True
     if q:
         given["qdylora"] = q
     if t:
@@ -133,6 +140,9 @@ def _run_train(args) -> int:
         return 130
     print(f"adapter saved to {result['adapter']} (ranks {qcfg.r_min}..{qcfg.r_max})")
     ranks = [r for r in ranks if qcfg.r_min <= r <= qcfg.r_max]
+    if result.get("sharded"):
+        ranks = []  # the sharded model computes only with every process; the main one alone cannot sweep it
+        print(f"(no sweep after an --fsdp run; run: qdylora sweep {args.output})")
     if ranks and "data" not in given_settings(args) and not _run_data(args.output):
         from ..eval.sweep import sweep_model
 

@@ -77,18 +77,46 @@ def quantize_linear(linear: nn.Module, device: torch.device | str | None = None,
     return q
 
 
+def quant_state_of(module: bnb.nn.Linear4bit):
+    """The layer's QuantState: on its weight, or kept on the layer once FSDP replaced the weight by its shards."""
+    qs = getattr(module.weight, "quant_state", None)
+    return qs if qs is not None else getattr(module, "qdylora_quant_state", None)
+
+
 def packed_nf4(module: bnb.nn.Linear4bit):
-    """(packed uint8 weight, QuantState) in bitsandbytes' standard NF4 layout.
+    """(packed weight, QuantState) in bitsandbytes' standard NF4 layout; the bytes may be stored as any dtype.
 
     On CPUs with AVX512-BF16, bnb's own inference forward repacks the weight into a CPU-only
     layout in place; undo that so our kernels and dequantization see the standard layout.
     """
     w = module.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
+    qs = quant_state_of(module)
+    if getattr(qs, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-    return w.data, w.quant_state
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        qs = w.quant_state
+    return w.data, qs
+
+
+QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float32": torch.float32}
+
+
+def set_quant_storage(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every NF4 weight's packed bytes as `dtype` (bnb's quant_storage; the same bytes, viewed).
+
+    FSDP shards and gathers parameters of one dtype per unit: bf16 storage in a bf16 model lets it
+    shard the 4-bit weights like any other (the FSDP-QLoRA recipe).
+    """
+    for layer in quantized_linears(model).values():
+        w = layer.weight
+        nbytes = w.numel() * w.element_size()
+        if nbytes % dtype.itemsize:
+            raise ValueError(f"a packed weight of {nbytes} bytes cannot be stored as {dtype}")
+        w.data = w.data.reshape(-1).view(torch.uint8).view(dtype).unsqueeze(1)
+        w.quant_storage = dtype
+        layer.quant_storage = dtype
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
@@ -154,7 +182,7 @@ def quantized_linears(model: nn.Module) -> dict[str, bnb.nn.Linear4bit]:
 
 def check_nf4_storage(module: bnb.nn.Linear4bit) -> None:
     """Raise ValueError unless the layer is NF4 with nested absmax at blocksize 64 / 256."""
-    qs = module.weight.quant_state
+    qs = quant_state_of(module)
     problems = []
     if qs is None:
         problems.append("no quant_state (not quantized)")
@@ -175,7 +203,7 @@ def check_nf4_storage(module: bnb.nn.Linear4bit) -> None:
 def base_fingerprint(model: nn.Module) -> dict:
     """Identity of a quantized base: its name, and a hash of every 4-bit linear's name and shape."""
     # peft wraps each adapted linear as `<name>.base_layer`; the identity is the base's own name
-    items = sorted((n.replace(".base_layer", ""), tuple(m.weight.quant_state.shape))
+    items = sorted((n.replace(".base_layer", ""), tuple(quant_state_of(m).shape))
                    for n, m in quantized_linears(model).items())
     digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__

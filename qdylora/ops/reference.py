@@ -14,7 +14,9 @@ from qdylora_kernels.ranks import rank_masks
 
 
 def dequantize_nf4(weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
-    """bitsandbytes' dequantization of a packed NF4 weight to [out, in] in quant_state.dtype."""
+    """bitsandbytes' dequantization of a packed NF4 weight (bytes in any storage dtype) to [out, in]."""
+    if weight.dtype != torch.uint8:  # bnb's quant_storage (bf16 for FSDP): the same bytes
+        weight = weight.reshape(-1).view(torch.uint8).unsqueeze(1)
     return dequantize_4bit(weight, quant_state)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import ConfigError, check_float, check_int
 
 OPTIMIZERS = ("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
+QUANT_STORAGES = ("auto", "uint8", "bfloat16", "float16", "float32")
 # the command-line flag of each setting, for messages
 FLAGS = {"max_steps": "--max-steps", "learning_rate": "--lr", "batch_size": "--batch-size",
          "grad_accum": "--grad-accum", "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps",
@@ -40,6 +41,8 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
     # learning rate of component k times (p_max / p_k) ** power, p_k the chance a step trains it (0: off)
     component_lr_power: float = 0.0
+    fsdp: bool = False  # shard with FSDP2 over the launcher's processes (train.sharding); else DDP
+    quant_storage: str = "auto"  # the packed NF4 bytes' dtype; auto: uint8, the compute dtype with fsdp
 
     def __post_init__(self) -> None:
         self.validate()
@@ -57,6 +60,10 @@ class TrainConfig:
         check_float("weight_decay", self.weight_decay, 0.0, flag=FLAGS["weight_decay"])
         check_float("max_grad_norm", self.max_grad_norm, 0.0, flag=FLAGS["max_grad_norm"])
         check_float("component_lr_power", self.component_lr_power, 0.0, flag="component_lr_power")
+        if self.quant_storage not in QUANT_STORAGES:
+            raise ConfigError(f"--quant-storage {self.quant_storage!r} is unknown; use one of {', '.join(QUANT_STORAGES)}")
+        if self.fsdp not in (True, False):
+            raise ConfigError(f"fsdp={self.fsdp!r} must be True or False")
         if self.bf16 not in (None, True, False):
             raise ConfigError(f"bf16={self.bf16!r} must be True, False or None (automatic)")
 

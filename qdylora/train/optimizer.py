@@ -17,6 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..shards import gather_dim, is_sharded, local, row_offset
+
 STATE_BLOCK = 256  # values per absmax block of the 8-bit state (bitsandbytes' blockwise optimizers)
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only states of at least this many values
 
@@ -114,10 +116,13 @@ class ComponentAdamW(torch.optim.Optimizer):
         return (t, self.axes[p]) if p in self.axes else (t.view(1, -1), 0)
 
     def _init_state(self, p: torch.Tensor) -> dict:
-        mat, axis = self._matrix(p.data, p)
-        n_comp = mat.shape[axis]
-        n = p.numel() // n_comp
-        state = {"step": torch.zeros(n_comp, dtype=torch.int64)}
+        data = local(p)
+        if is_sharded(p) and self.state_bits != 32:
+            raise ValueError("8-bit ComponentAdamW state cannot be sharded (FSDP); use state_bits=32")
+        mat, axis = self._matrix(data, p)
+        n_comp, n = (mat if axis == 0 else mat.t()).shape  # the components held here, values per component
+        # step counts of every component of the whole tensor: the same in every process
+        state = {"step": torch.zeros(p.shape[axis] if p in self.axes else 1, dtype=torch.int64)}
         if self.state_bits == 32:
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = self._buffer((n_comp, n), torch.float32, p.device)
@@ -175,17 +180,29 @@ class ComponentAdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 idx = self.active(p) if p in self.axes else None
-                if idx is not None:
+                if idx is not None and idx.numel() == 0:
+                    continue
+                # the step counts of every component trained, in every process; the values of those it holds
+                counted = None if idx is None else idx.cpu()
+                _put(state["step"], 0, counted,
+                     (state["step"] if counted is None else state["step"].index_select(0, counted)) + 1)
+                mat, axis = self._matrix(local(p), p)
+                first, held = (row_offset(p), mat.shape[0]) if axis == 0 and p in self.axes else (0, None)
+                if idx is not None and held is not None and is_sharded(p):
+                    idx = idx[(idx >= first) & (idx < first + held)] - first  # the rows of A this process holds
                     if idx.numel() == 0:
                         continue
-                    idx = idx.to(p.device)
-                mat, axis = self._matrix(p.data, p)
+                if mat.numel() == 0:
+                    continue
+                idx = None if idx is None else idx.to(p.device)
                 x = _components(mat, axis, idx).float()
-                g = _components(self._matrix(p.grad, p)[0], axis, idx).float()
+                g = _components(self._matrix(local(p.grad), p)[0], axis, idx).float()
                 m, v = self._moments(state, idx, x.shape[1])
                 cpu_idx = None if idx is None else idx.cpu()
-                steps = (state["step"] if idx is None else state["step"].index_select(0, cpu_idx)) + 1
-                _put(state["step"], 0, cpu_idx, steps)
+                if idx is None:
+                    steps = state["step"].narrow(0, first, x.shape[0]) if state["step"].numel() > 1 else state["step"]
+                else:
+                    steps = state["step"].index_select(0, cpu_idx + first)
                 t = steps.to(torch.float64)
                 lr = torch.full_like(t, group["lr"])
                 if p in self.lr_scale:
@@ -207,8 +224,24 @@ class ComponentAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _sharded_dim(self, p: torch.Tensor) -> int:
+        """The dim of p's moment tensors [components, n] that FSDP's row shards split: 0 for A, 1 otherwise."""
+        return 0 if self.axes.get(p) == 0 else 1
+
+    def state_dict(self) -> dict:
+        """As torch's; with sharded parameters the moments are gathered whole (a collective: every process)."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            if i in sd["state"] and is_sharded(p):
+                dim = self._sharded_dim(p)
+                sd["state"][i] = {k: gather_dim(v, dim) if k in ("exp_avg", "exp_avg_sq") else v
+                                  for k, v in sd["state"][i].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but each state tensor keeps its dtype (8-bit states stay uint8) and step counts stay on the CPU."""
+        """As torch's, but each state tensor keeps its dtype (8-bit states stay uint8) and step counts stay on the CPU;
+        whole moments of a sharded parameter are cut to the rows this process holds."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
@@ -218,5 +251,9 @@ class ComponentAdamW(torch.optim.Optimizer):
                 continue
             fresh = self._init_state(p)
             for key, value in saved[pid].items():
+                if value.shape != fresh[key].shape and is_sharded(p):
+                    dim = self._sharded_dim(p)
+                    width = local(p).shape[1:].numel() if dim == 1 and p not in self.axes else 1
+                    value = value.narrow(dim, row_offset(p) * width, fresh[key].shape[dim])
                 fresh[key].copy_(value.to(device=fresh[key].device, dtype=fresh[key].dtype))
             self.state[p] = fresh

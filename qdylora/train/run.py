@@ -27,6 +27,9 @@ from .run_folder import (ADAPTER_SUBDIR, check_writable, checkpoints, holds_run,
 
 # settings a resume may change: they do not change what is trained
 FREE_ON_RESUME = {"save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing"}
+# chosen by each launch, like the number of processes: checkpoints hold whole tensors, so a run started with
+# FSDP resumes with or without it
+PER_LAUNCH = {"fsdp": False, "quant_storage": "auto"}
 SETTING_FLAGS = {"model": "--model", "data": "--data", "r_min": "--r-min", "r_max": "--r-max", "alpha": "--alpha",
                  "dropout": "--dropout", "update": "--update", "target_modules": "--target-modules",
                  "rank_sampler": "--rank-sampler", "rank_per": "--rank-per", "max_rows": "--max-rows", "rank_list": "--rank-list",
@@ -51,12 +54,13 @@ def _resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any]:
                             "with --overwrite")
     merged = {"model": saved.get("model"), "data": saved.get("data"), "qdylora": dict(saved["qdylora"]),
               "train": dict(saved["train"])}
+    merged["train"].update({k: given.get("train", {}).get(k, default) for k, default in PER_LAUNCH.items()})
     changes = [((k,), v, saved.get(k)) for k, v in given.items() if k in ("model", "data")]
     for group in ("qdylora", "train"):
         changes += [((group, k), v, saved[group].get(k)) for k, v in given.get(group, {}).items()]
     for where, value, old in changes:
         key = where[-1]
-        if key == "max_steps" or key in FREE_ON_RESUME:
+        if key == "max_steps" or key in FREE_ON_RESUME or key in PER_LAUNCH:
             merged[where[0]][key] = value
         elif value != old:
             flag = SETTING_FLAGS.get(key, key)
@@ -137,6 +141,8 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     from ..data.examples import build_dataset
     from ..data.records import load_records
     from ..load.model import load_model_and_tokenizer
+    from ..load.quantize import set_quant_storage
+    from .sharding import shard_model
     from .trainer import train_model
 
     out = Path(output_dir)
@@ -157,11 +163,16 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     model_name, data = settings.get("model"), settings.get("data")
     qcfg, tcfg = _configs({"qdylora": settings.get("qdylora", {}), "train": settings.get("train", {})})
     # every input is read and checked before anything in the folder changes
+    storage = _quant_storage(tcfg, device)
     records = load_records(data) if data else default_splits()[0]
     base, tokenizer = load_model_and_tokenizer(model_name, device=device)
     dataset = build_dataset(records, tokenizer, tcfg.max_seq_len)
     torch.manual_seed(qcfg.seed)  # the adapters' initial A: the same for the same --seed, in every process
     peft_model = attach_adapters(base, qcfg)
+    if tcfg.fsdp:
+        shard_model(peft_model, storage)
+    elif storage is not None:
+        set_quant_storage(peft_model, storage)
     barrier()  # every process has checked its inputs before the main one changes the folder
     if is_main():
         if overwrite:
@@ -174,8 +185,20 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
                                "train": tcfg.to_dict()})
     barrier()
     summary = train_model(peft_model, tokenizer, dataset, tcfg, out, str(ckpt) if ckpt else None)
-    summary.update(model=peft_model, tokenizer=tokenizer, qdylora_config=qcfg, finished=False)
+    summary.update(model=peft_model, tokenizer=tokenizer, qdylora_config=qcfg, finished=False, sharded=tcfg.fsdp)
     return summary
+
+
+def _quant_storage(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The packed weights' storage dtype (None: bnb's uint8), checked against --fsdp before anything loads."""
+    from ..load.quantize import QUANT_STORAGE, default_compute_dtype
+    from .optimizer import resolve_optim
+    from .sharding import check_fsdp_launch, fsdp_storage
+
+    if tcfg.fsdp:
+        check_fsdp_launch(resolve_optim(tcfg.optim))
+        return fsdp_storage(default_compute_dtype(device), tcfg.quant_storage)
+    return None if tcfg.quant_storage in ("auto", "uint8") else QUANT_STORAGE[tcfg.quant_storage]
 
 
 def train(model: str | None = None, data: str | None = None, output_dir: str = "runs/qdylora",

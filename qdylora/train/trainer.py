@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, default_data_collator
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..adapters.attach import dylora_layers, set_rank
+from ..adapters.attach import adapter_parameters, dylora_layers, set_rank
 from ..adapters.config import QDyLoRAConfig
 from ..adapters.files import load_adapter_weights, read_adapter, save_adapter
 from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .optimizer import ComponentAdamW, resolve_optim, state_settings
 from .rank_schedule import RankSchedule
 from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints
+from .sharding import ShardedRun, fsdp_units
 
 
 class NonFiniteLoss(TrainingError):
@@ -36,11 +38,26 @@ class NonFiniteLoss(TrainingError):
 class QDyLoRATrainer(Trainer):
     """Trainer that saves qdylora adapters, writes checkpoints atomically and stops on a non-finite loss."""
 
-    def __init__(self, *args, rank_schedule: RankSchedule | None = None, **kwargs) -> None:
+    def __init__(self, *args, rank_schedule: RankSchedule | None = None, sharded: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rank_schedule = rank_schedule
+        self.sharded = sharded  # the model is sharded with FSDP2 (train.sharding); it reduces its own gradients
+        self._gathered: dict | None = None
         self._staging: str | None = None
         self.last_checkpoint: str | None = None
+
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        if not self.sharded:
+            return super()._wrap_model(model, training, dataloader)
+        return model if isinstance(model, ShardedRun) else ShardedRun(model)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = self.optimizer.state_dict()  # every process: the moments' shards are gathered whole
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def get_decay_parameter_names(self, model) -> set[str]:
         # create_optimizer tests `name in` this for every parameter: a set keeps that linear in the
@@ -62,7 +79,7 @@ class QDyLoRATrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if dylora_layers(self.model):
-            save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR)
+            save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR, params=self._gathered)
         else:
             self.model.save_pretrained(output_dir, safe_serialization=True)
 
@@ -101,6 +118,8 @@ class QDyLoRATrainer(Trainer):
                 os.makedirs(self._staging)
                 usual_mode(Path(self._staging), is_dir=True)
             self.accelerator.wait_for_everyone()
+            # sharded adapters are gathered by every process here; the main one writes them in _save
+            self._gathered = adapter_parameters(self.model) if self.sharded else None
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
             if main:
@@ -117,7 +136,7 @@ class QDyLoRATrainer(Trainer):
         finally:
             if main:
                 shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
+            self._staging = self._gathered = None
         self.last_checkpoint = str(dest)
         if main:
             rotate_checkpoints(root, self.args.save_total_limit, protect=dest)
@@ -158,6 +177,7 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     cfg.validate()
     output_dir = str(output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
+    sharded = bool(fsdp_units(model))
     layers = dylora_layers(model)
     qcfg: QDyLoRAConfig | None = layers[0].qdylora_config if layers else None
     schedule = RankSchedule(model, qcfg, process_index=int(os.environ.get("RANK", "0"))) if qcfg else None
@@ -175,7 +195,7 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
                                           lr_scale=lr_scale, **state_settings(resolve_optim(cfg.optim))))
     trainer = QDyLoRATrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                              callbacks=[stop_cb] + ([SyncCallback(schedule)] if schedule else []),
-                             rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer)
+                             rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer, sharded=sharded)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback(Path(output_dir) / LOG_NAME, trainer))
@@ -202,12 +222,13 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
                "last_checkpoint": trainer.last_checkpoint}
     if not stop_cb.requested:
         adapter = Path(output_dir) / ADAPTER_SUBDIR
+        params = adapter_parameters(model) if sharded and qcfg is not None else None  # every process gathers
         try:
             if not trainer.is_world_process_zero():
                 pass
             elif qcfg is not None:
                 set_rank(model, qcfg.r_max)
-                save_adapter(model, adapter, extra={"global_step": trainer.state.global_step})
+                save_adapter(model, adapter, extra={"global_step": trainer.state.global_step}, params=params)
             else:
                 model.save_pretrained(str(adapter))
         except (AdapterError, WriteError) as e:
