@@ -47,6 +47,10 @@ def log(out: Path) -> list[dict]:
 
 
 def failure(text: str) -> str:
-    """The first failing process's own lines (torchrun's summary and the peers' follow-up errors come last)."""
-    first = [line for line in text.splitlines() if line.startswith("[rank0]")]
-    return "\n".join(first[-40:]) + "\n...\n" + text[-1500:]
+    """Each process's last own lines (torchrun's summary names the first that failed; the peers' errors follow)."""
+    parts = []
+    for rank in range(8):
+        mine = [line for line in text.splitlines() if line.startswith(f"[rank{rank}]")]
+        if mine:
+            parts.append("\n".join(mine[-25:]))
+    return "\n...\n".join(parts) + "\n...\n" + text[-1500:]

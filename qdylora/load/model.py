@@ -46,11 +46,12 @@ def load_tokenizer(model: str | ModelSource | None = None):
     return tok
 
 
-def load_model_and_tokenizer(model: str | None = None, device: torch.device | str | None = None):
+def load_model_and_tokenizer(model: str | None = None, device: torch.device | str | None = None,
+                             compute_dtype: torch.dtype | None = None):
     """(NF4-quantized causal LM, tokenizer) for a hub id, local folder or .gguf file (default: SmolLM2-135M)."""
     src = _source(model)
     tokenizer = load_tokenizer(src)  # first: it is quick, and a model without one should fail before loading
-    m = load_quantized_model(src, device=device)
+    m = load_quantized_model(src, device=device, compute_dtype=compute_dtype)
     m.qdylora_source = src.source
     return m, tokenizer
 

@@ -22,6 +22,11 @@ def _state():
     return PartialState()  # starts the process group from torchrun's environment the first time
 
 
+def start_processes() -> None:
+    """Join the launcher's process group (torchrun / accelerate launch set its environment); once."""
+    _state()
+
+
 def world_size() -> int:
     """Number of training processes (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

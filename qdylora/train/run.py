@@ -141,7 +141,7 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     from ..data.examples import build_dataset
     from ..data.records import load_records
     from ..load.model import load_model_and_tokenizer
-    from ..load.quantize import set_quant_storage
+    from ..load.quantize import default_compute_dtype, set_quant_storage
     from .sharding import shard_model
     from .trainer import train_model
 
@@ -165,12 +165,14 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     # every input is read and checked before anything in the folder changes
     storage = _quant_storage(tcfg, device)
     records = load_records(data) if data else default_splits()[0]
-    base, tokenizer = load_model_and_tokenizer(model_name, device=device)
+    # FSDP: loaded and quantized in CPU RAM, then each process moves only its shards to its GPU
+    base, tokenizer = load_model_and_tokenizer(model_name, device=torch.device("cpu") if tcfg.fsdp else device,
+                                               compute_dtype=default_compute_dtype(device))
     dataset = build_dataset(records, tokenizer, tcfg.max_seq_len)
     torch.manual_seed(qcfg.seed)  # the adapters' initial A: the same for the same --seed, in every process
     peft_model = attach_adapters(base, qcfg)
     if tcfg.fsdp:
-        shard_model(peft_model, storage)
+        shard_model(peft_model, storage, device)
     elif storage is not None:
         set_quant_storage(peft_model, storage)
     barrier()  # every process has checked its inputs before the main one changes the folder

@@ -53,16 +53,28 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: nn.Module, storage: torch.dtype) -> None:
-    """Shard `model` in place with FSDP2 over every process: one unit per decoder layer, then the root."""
+def shard_model(model: nn.Module, storage: torch.dtype, device: torch.device) -> None:
+    """Shard `model` in place with FSDP2 over every process: one unit per decoder layer, then the root.
+
+    The model may sit in CPU RAM: fully_shard moves each process's shards to `device`, and the (small, whole)
+    quantization states are moved here.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from .processes import start_processes
+
+    start_processes()
     set_quant_storage(model, storage)
     for layer in quantized_linears(model).values():
-        layer.qdylora_quant_state = layer.weight.quant_state  # the weight becomes a DTensor without it
+        qs = layer.weight.quant_state
+        qs.to(device)  # in place
+        layer.qdylora_quant_state = qs  # the weight becomes a DTensor without its quant_state
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in decoder_layers(model):
-        fully_shard(block)
-    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model, mesh=mesh)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

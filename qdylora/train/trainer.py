@@ -77,6 +77,8 @@ class QDyLoRATrainer(Trainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # save_model calls this in every process; one writes
+            return
         output_dir = output_dir or self.args.output_dir
         if dylora_layers(self.model):
             save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR, params=self._gathered)
