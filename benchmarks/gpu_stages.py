@@ -16,7 +16,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 # every test file with GPU tests (tests/test_gpu_check.py checks that none is missing)
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_gpu_training.py", "tests/test_selfcheck.py",
-                  "tests/test_load_paths.py")
+                  "tests/test_load_paths.py", "tests/test_fsdp.py")
 FALCON_STEPS = 4  # ranks: 64 first, then 3 drawn from 1..64
 
 

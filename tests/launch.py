@@ -28,15 +28,16 @@ def env():
     return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def launch(out: Path, settings: dict, procs: int) -> subprocess.Popen:
-    cmd = ([TORCHRUN, "--nproc_per_node", str(procs), "--master_port", str(29500 + os.getpid() % 1000)] if procs > 1
-           else [sys.executable])
+def launch(out: Path, settings: dict, procs: int, launcher: bool = False) -> subprocess.Popen:
+    """The probe in `procs` processes: under torchrun when more than one (or `launcher`), else plain Python."""
+    cmd = ([TORCHRUN, "--nproc_per_node", str(procs), "--master_port", str(29500 + os.getpid() % 1000)]
+           if procs > 1 or launcher else [sys.executable])
     return subprocess.Popen(cmd + [PROBE, str(out), json.dumps(settings)], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
-def run(out: Path, settings: dict, procs: int) -> str:
-    proc = launch(out, settings, procs)
+def run(out: Path, settings: dict, procs: int, launcher: bool = False) -> str:
+    proc = launch(out, settings, procs, launcher)
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, failure(text)
     return text

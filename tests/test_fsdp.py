@@ -17,6 +17,9 @@ from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.adapters.rank_sampler import RankSampler
 
 RANKS = {"rank_sampler": "list", "rank_list": [2, 5]}
+CUDA = torch.cuda.is_available()
+# 2 processes on the CPU (gloo); a one-GPU machine runs the world-size-1 test on CUDA instead
+cpu_only = pytest.mark.skipif(CUDA, reason="the CPU gloo runs; with CUDA test_fsdp_on_one_gpu runs")
 
 
 def _fsdp(s: dict) -> dict:
@@ -38,6 +41,7 @@ def runs(tiny_model_dir, data_file, tmp_path_factory):
 
 
 @needs_torchrun
+@cpu_only
 def test_fsdp_equals_one_process_with_the_global_batch(runs, tiny_model_dir):
     one, two = runs
     for a, b in zip(log(one), log(two), strict=True):
@@ -89,6 +93,7 @@ def _cut_back_to_checkpoint_2(src, dst):
 
 
 @needs_torchrun
+@cpu_only
 def test_an_fsdp_checkpoint_resumes_with_fsdp_and_with_one_process(runs, tmp_path):
     one, two = runs
     again, plain = tmp_path / "again" / "run", tmp_path / "plain" / "run"
@@ -143,3 +148,19 @@ def test_quant_storage_is_bitsandbytes_own(storage):
     w = ours.q.weight
     assert w.dtype == ref.dtype == storage and w.shape == ref.shape
     assert torch.equal(w.data.view(torch.uint8), ref.data.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@needs_torchrun
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_fsdp_on_one_gpu_equals_a_plain_run(tiny_model_dir, data_file, tmp_path):
+    """World size 1 under torchrun on CUDA (NCCL, bf16 storage of the NF4 bytes) against one plain process."""
+    plain, fsdp = tmp_path / "plain" / "run", tmp_path / "fsdp" / "run"
+    s = settings(tiny_model_dir, data_file, batch=4, **RANKS)
+    run(plain, s, procs=1)
+    run(fsdp, _fsdp(s), procs=1, launcher=True)
+    for a, b in zip(log(plain), log(fsdp), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    w1, w2 = _adapter(plain), _adapter(fsdp)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-3, rtol=1e-2)
