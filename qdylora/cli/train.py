@@ -140,10 +140,11 @@ def _run_train(args) -> int:
         return 130
     print(f"adapter saved to {result['adapter']} (ranks {qcfg.r_min}..{qcfg.r_max})")
     ranks = [r for r in ranks if qcfg.r_min <= r <= qcfg.r_max]
-    if result.get("sharded"):
-        ranks = []  # the sharded model computes only with every process; the main one alone cannot sweep it
+    embedded = "data" not in given_settings(args) and not _run_data(args.output)
+    if ranks and embedded and result.get("sharded"):
+        # the sharded model computes only with every process; the main one alone cannot sweep it
         print(f"(no sweep after an --fsdp run; run: qdylora sweep {args.output})")
-    if ranks and "data" not in given_settings(args) and not _run_data(args.output):
+    elif ranks and embedded:
         from ..eval.sweep import sweep_model
 
         print("\nexact-match accuracy on held-out embedded-task items")
