@@ -28,23 +28,24 @@ SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 STEM = "lm_eval_sweep"
 TASK = "qdylora_mmlu_val"
-YAML = f"""task: {TASK}
+# Jinja braces stay as written: the data file is put in with str.replace, not format()
+YAML = """task: TASK
 dataset_path: json
 dataset_kwargs:
   data_files:
-    validation: {{data}}
+    validation: DATA
 validation_split: validation
 output_type: multiple_choice
-doc_to_text: "{{{{input}}}}"
+doc_to_text: "{{input}}"
 doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(output)}}}}"
+doc_to_target: output
 metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
 metadata:
   version: 1.0
-"""
+""".replace("TASK", TASK)
 # one separate lm-eval run: a fresh process, the NF4 base, the peft export (none for the base row)
 SEPARATE = r"""
 import json, sys, time
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="qdylora_lm_eval_"))
     tasks = work / "tasks"
     tasks.mkdir()
-    (tasks / f"{TASK}.yaml").write_text(YAML.format(data=Path(args.mmlu).resolve()))
+    (tasks / f"{TASK}.yaml").write_text(YAML.replace("DATA", str(Path(args.mmlu).resolve())))
     adapter = Path(args.adapter) if args.adapter else random_adapter(work, args.threads)
     py = sys.executable
     sweep_s, out = timed([py, "-m", "qdylora", "sweep", str(adapter), "--task", "lm-eval", "--lm-eval-tasks", TASK,
