@@ -43,6 +43,8 @@ ARMS: dict[str, tuple[dict, dict]] = {
     "matryoshka": ({"update": "matryoshka", "rank_per": "step"}, {}),
     "example/nested lr^0.5": ({"update": "nested", "rank_per": "example"}, {"component_lr_power": 0.5}),
     "example/nested max-row": ({"update": "nested", "rank_per": "example", "max_rows": 1}, {}),
+    "example/nested max-row loguniform": ({"update": "nested", "rank_per": "example", "max_rows": 1,
+                                           "rank_sampler": "loguniform"}, {}),
 }
 
 

@@ -41,6 +41,19 @@ def test_geometric_prefers_small_ranks_with_expected_ratio():
     assert math.isclose(counts[1] / counts[2], 1 / (1 - p), rel_tol=0.1)
 
 
+def test_loguniform_gives_every_octave_the_same_mass():
+    """P(r) = (1/r) / H(64), H(64) = sum of 1/r: P(1) / P(2) = 2, and the octaves [2^k, 2^(k+1)) alike."""
+    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, rank_sampler="loguniform", rank_per="example", max_rows=0))
+    counts = collections.Counter(s.rows(t, 0, 1)[0] for t in range(40000))
+    harmonic = sum(1 / r for r in range(1, 65))
+    assert math.isclose(counts[1] / 40000, 1 / harmonic, rel_tol=0.05)
+    assert math.isclose(counts[1] / counts[2], 2.0, rel_tol=0.1)
+    assert math.isclose(counts[64] / 40000, 1 / 64 / harmonic, rel_tol=0.25)
+    octaves = [sum(counts[r] for r in range(2 ** k, 2 ** (k + 1))) / 40000 for k in range(6)]
+    assert all(math.isclose(o, sum(1 / r for r in range(2 ** k, 2 ** (k + 1))) / harmonic, rel_tol=0.06)
+               for k, o in enumerate(octaves))
+
+
 def test_list_sampler_draws_only_listed_ranks():
     s = RankSampler(QDyLoRAConfig(r_max=64, rank_sampler="list", rank_list=[1, 4, 16, 64]))
     assert {s.sample(t) for t in range(500)} == {1, 4, 16, 64}

@@ -23,7 +23,7 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 
 UPDATE_MODES = ("frozen", "nested", "matryoshka")
 RANK_PER = ("step", "example", "module", "example+module")
-SAMPLERS = ("uniform", "geometric", "list")
+SAMPLERS = ("uniform", "loguniform", "geometric", "list")
 
 
 @dataclass

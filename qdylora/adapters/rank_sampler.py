@@ -26,6 +26,9 @@ class RankSampler:
         if c.rank_sampler == "uniform":
             self.ranks = list(range(c.r_min, c.r_max + 1))
             self.weights = [1.0] * len(self.ranks)
+        elif c.rank_sampler == "loguniform":  # P(r) proportional to 1/r: every octave 1-2, 2-4, ... alike
+            self.ranks = list(range(c.r_min, c.r_max + 1))
+            self.weights = [1.0 / r for r in self.ranks]
         elif c.rank_sampler == "geometric":
             self.ranks = list(range(c.r_min, c.r_max + 1))
             p = c.geometric_p
