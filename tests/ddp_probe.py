@@ -26,6 +26,19 @@ def forward(layer, x, *a, **k):
 
 
 DyLoRALinear.forward = forward
+
+import qdylora.train.trainer as trainer_module  # noqa: E402
+
+writes = []
+save_adapter = trainer_module.save_adapter
+
+
+def counted_save(*a, **k):  # who writes adapters (checkpoints and the final one): the main process only
+    writes.append(str(a[1]))
+    return save_adapter(*a, **k)
+
+
+trainer_module.save_adapter = counted_save
 result = run_training(out, settings, resume=resume)
 if "model" in result:  # what this process holds of every parameter (FSDP: its shards)
     from qdylora.shards import local
@@ -36,3 +49,5 @@ if "model" in result:  # what this process holds of every parameter (FSDP: its s
                    "full_bytes": sum(p.numel() * p.element_size() for p in params)}, f)
 with open(os.path.join(os.path.dirname(os.path.abspath(out)), f"ranks_{os.environ.get('RANK', '0')}.json"), "w") as f:
     json.dump(seen, f)
+with open(os.path.join(os.path.dirname(os.path.abspath(out)), f"writes_{os.environ.get('RANK', '0')}.json"), "w") as f:
+    json.dump(writes, f)

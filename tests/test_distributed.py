@@ -50,6 +50,9 @@ def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file,
         assert not torch.equal(A[1], A0[1])
     # one writer: every process's RNG state, one log line per step, no staging left
     assert {p.name for p in (two / "checkpoint-4").iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "adapter"}
+    # one writer: the main process wrote every adapter (2 checkpoints + the final one), the other none
+    assert len(json.loads((tmp_path / "two" / "writes_0.json").read_text())) == 3
+    assert json.loads((tmp_path / "two" / "writes_1.json").read_text()) == []
     assert [r["step"] for r in log(two)] == [1, 2, 3, 4]
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
 

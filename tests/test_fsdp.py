@@ -80,6 +80,9 @@ def test_fsdp_equals_one_process_with_the_global_batch(runs, tiny_model_dir):
             assert torch.equal(A[k], A0[k]) and torch.equal(B[:, k], B0[:, k]), (path, k)
         assert not torch.equal(A[1], A0[1])
     assert {p.name for p in (two / "checkpoint-4").iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "adapter"}
+    # one writer: the main process wrote every adapter (2 checkpoints + the final one), the other none
+    assert len(json.loads((two.parent / "writes_0.json").read_text())) == 3
+    assert json.loads((two.parent / "writes_1.json").read_text()) == []
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
 
 
