@@ -55,3 +55,34 @@ def failure(text: str) -> str:
         if mine:
             parts.append("\n".join(mine[-25:]))
     return "\n...\n".join(parts) + "\n...\n" + text[-1500:]
+
+
+def check_frozen_untouched(model_dir, adapter: dict, drawn=(2, 5), r_max: int = 8, seed: int = 3) -> None:
+    """Frozen mode with only `drawn` ranks: every other component of `adapter` kept its initial value exactly
+    (weight decay would have moved any component the optimizer stepped), and a drawn one moved."""
+    import torch
+
+    from qdylora.adapters.attach import adapter_parameters, attach_adapters
+    from qdylora.adapters.config import QDyLoRAConfig
+    from qdylora.load.model import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(str(model_dir), device="cpu")
+    torch.manual_seed(seed)  # what training does before attaching
+    init = adapter_parameters(attach_adapters(base, QDyLoRAConfig(r_max=r_max, rank_sampler="list",
+                                                                  rank_list=list(drawn))))
+    trained = {r - 1 for r in drawn}
+    for path, (A0, B0) in init.items():
+        A, B = adapter[f"{path}.lora_A"], adapter[f"{path}.lora_B"]
+        for k in set(range(r_max)) - trained:
+            assert torch.equal(A[k], A0[k]) and torch.equal(B[:, k], B0[:, k]), (path, k)
+        assert not torch.equal(A[min(trained)], A0[min(trained)])
+
+
+def check_one_writer(run_dir: Path, writes: int = 3) -> None:
+    """Every process's RNG state in the last checkpoint, all adapters written by the main process (the probe
+    counts them), no staging folder left."""
+    assert {p.name for p in (run_dir / "checkpoint-4").iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth",
+                                                                       "adapter"}
+    assert len(json.loads((run_dir.parent / "writes_0.json").read_text())) == writes
+    assert json.loads((run_dir.parent / "writes_1.json").read_text()) == []
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from launch import PROBE, launch, log, needs_torchrun, run, settings
+from launch import PROBE, check_frozen_untouched, check_one_writer, launch, log, needs_torchrun, run, settings
 from safetensors.torch import load_file
 
 from qdylora.adapters.rank_sampler import RankSampler
@@ -35,26 +35,9 @@ def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file,
     s = RankSampler(QDyLoRAConfig(r_max=8, seed=3, rank_sampler="list", rank_list=[2, 5], max_rows=0))
     for t in range(4):
         assert r0[t * n_layers] == s.rows(t, 0, 2, first_row=0) and r1[t * n_layers] == s.rows(t, 0, 2, first_row=2)
-    # frozen: components 2 and 5 are the only ones ever drawn; the others kept their initial values exactly
-    # (weight decay 0.1 would have moved any component the optimizer stepped)
-    from qdylora.adapters.attach import adapter_parameters, attach_adapters
-    from qdylora.load.model import load_model_and_tokenizer
-
-    base, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(3)  # what training does before attaching
-    init = adapter_parameters(attach_adapters(base, QDyLoRAConfig(r_max=8, rank_sampler="list", rank_list=[2, 5])))
-    for path, (A0, B0) in init.items():
-        A, B = w2[f"{path}.lora_A"], w2[f"{path}.lora_B"]
-        for k in set(range(8)) - {1, 4}:
-            assert torch.equal(A[k], A0[k]) and torch.equal(B[:, k], B0[:, k]), (path, k)
-        assert not torch.equal(A[1], A0[1])
-    # one writer: every process's RNG state, one log line per step, no staging left
-    assert {p.name for p in (two / "checkpoint-4").iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "adapter"}
-    # one writer: the main process wrote every adapter (2 checkpoints + the final one), the other none
-    assert len(json.loads((tmp_path / "two" / "writes_0.json").read_text())) == 3
-    assert json.loads((tmp_path / "two" / "writes_1.json").read_text()) == []
+    check_frozen_untouched(tiny_model_dir, w2)
+    check_one_writer(two)
     assert [r["step"] for r in log(two)] == [1, 2, 3, 4]
-    assert not [p for p in two.iterdir() if p.name.startswith(".")]
 
 
 def test_step_ranks_are_the_same_in_every_process(tiny_model_dir, data_file, tmp_path):

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from launch import log, needs_torchrun, run, settings
+from launch import check_frozen_untouched, check_one_writer, log, needs_torchrun, run, settings
 from safetensors.torch import load_file
 
 from qdylora.adapters.config import QDyLoRAConfig
@@ -67,23 +67,8 @@ def test_fsdp_equals_one_process_with_the_global_batch(runs, tiny_model_dir):
     s = RankSampler(QDyLoRAConfig(r_max=8, seed=3, max_rows=0, **RANKS))
     for t in range(4):
         assert r0[t * n_layers] == s.rows(t, 0, 2, first_row=0) and r1[t * n_layers] == s.rows(t, 0, 2, first_row=2)
-    # frozen: only components 2 and 5 were drawn; every other one kept its initial value exactly
-    from qdylora.adapters.attach import adapter_parameters, attach_adapters
-    from qdylora.load.model import load_model_and_tokenizer
-
-    base, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(3)
-    init = adapter_parameters(attach_adapters(base, QDyLoRAConfig(r_max=8, **RANKS)))
-    for path, (A0, B0) in init.items():
-        A, B = w2[f"{path}.lora_A"], w2[f"{path}.lora_B"]
-        for k in set(range(8)) - {1, 4}:
-            assert torch.equal(A[k], A0[k]) and torch.equal(B[:, k], B0[:, k]), (path, k)
-        assert not torch.equal(A[1], A0[1])
-    assert {p.name for p in (two / "checkpoint-4").iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "adapter"}
-    # one writer: the main process wrote every adapter (2 checkpoints + the final one), the other none
-    assert len(json.loads((two.parent / "writes_0.json").read_text())) == 3
-    assert json.loads((two.parent / "writes_1.json").read_text()) == []
-    assert not [p for p in two.iterdir() if p.name.startswith(".")]
+    check_frozen_untouched(tiny_model_dir, w2)
+    check_one_writer(two)
 
 
 def _cut_back_to_checkpoint_2(src, dst):
