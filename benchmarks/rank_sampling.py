@@ -37,11 +37,12 @@ from rank_sampling_report import LORA, best_arm, save
 ARMS: dict[str, tuple[dict, dict]] = {
     "step/nested": ({"update": "nested", "rank_per": "step"}, {}),
     "step/frozen": ({"update": "frozen", "rank_per": "step"}, {}),
-    "example/nested": ({"update": "nested", "rank_per": "example"}, {}),
-    "example/frozen": ({"update": "frozen", "rank_per": "example"}, {}),
+    # max_rows 0: every row drawn (the default, 1, is the max-row arm)
+    "example/nested": ({"update": "nested", "rank_per": "example", "max_rows": 0}, {}),
+    "example/frozen": ({"update": "frozen", "rank_per": "example", "max_rows": 0}, {}),
     "module/nested": ({"update": "nested", "rank_per": "module"}, {}),
     "matryoshka": ({"update": "matryoshka", "rank_per": "step"}, {}),
-    "example/nested lr^0.5": ({"update": "nested", "rank_per": "example"}, {"component_lr_power": 0.5}),
+    "example/nested lr^0.5": ({"update": "nested", "rank_per": "example", "max_rows": 0}, {"component_lr_power": 0.5}),
     "example/nested max-row": ({"update": "nested", "rank_per": "example", "max_rows": 1}, {}),
     "example/nested max-row loguniform": ({"update": "nested", "rank_per": "example", "max_rows": 1,
                                            "rank_sampler": "loguniform"}, {}),
