@@ -116,7 +116,6 @@ def set_quant_storage(model: nn.Module, dtype: torch.dtype) -> None:
             raise ValueError(f"a packed weight of {nbytes} bytes cannot be stored as {dtype}")
         w.data = w.data.reshape(-1).view(torch.uint8).view(dtype).unsqueeze(1)
         w.quant_storage = dtype
-        layer.quant_storage = dtype
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
