@@ -31,6 +31,7 @@ def add_arm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--max-grad-norm", type=float, default=0.3, help="gradient clipping of every arm (0: off)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha of every arm (scale alpha / r)")
     p.add_argument("--r-max", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of every arm's (first) run")
@@ -98,6 +99,7 @@ def train_config(args, steps: int | None = None, **overrides):
     return TrainConfig(**{"max_steps": steps, "learning_rate": args.lr, "batch_size": args.batch_size,
                           "grad_accum": 1, "max_seq_len": args.max_seq_len,
                           "warmup_steps": min(args.warmup_steps, steps // 2), "gradient_checkpointing": False,
+                          "max_grad_norm": getattr(args, "max_grad_norm", 0.3),
                           "save_steps": 10 * steps, "logging_steps": 1, "seed": args.seed, **overrides})
 
 

@@ -8,7 +8,7 @@ ranks 1, 2, 4, ..., r_max:
     each step, component i weighted by the scales of the training ranks above it; powers of two), and a
     per-component learning rate lr * (p_max / p_k) ** power on one arm, and per-example ranks with the
     first row of every micro-step at r_max (max_rows=1: the top components train every step)
-  - run-to-run noise: the best QDyLoRA arm of the larger budget and LoRA at --noise-lora-rank again with
+  - run-to-run noise: the default arm (DEFAULT_ARM) at the larger budget and LoRA at --noise-lora-rank again with
     every seed of --noise-seeds (init, data order and rank draws all change)
 Writes benchmarks/results/rank_sampling.{json,md,png} after every arm (--resume skips the arms done).
 
@@ -31,8 +31,10 @@ import torch
 
 from alpaca_arms import (RESULTS, add_arm_args, attach_lora, attach_qdylora, fresh_base, ints, lora_to_qdylora,
                          split_alpaca, train_arm)
-from rank_sampling_report import LORA, best_arm, save
+from rank_sampling_report import LORA, save
 
+# the arm of the defaults (QDyLoRAConfig, TrainConfig): the one the noise runs repeat
+DEFAULT_ARM = "example/nested max-row"
 # name -> (QDyLoRAConfig overrides, TrainConfig overrides)
 ARMS: dict[str, tuple[dict, dict]] = {
     "step/nested": ({"update": "nested", "rank_per": "step"}, {}),
@@ -46,6 +48,8 @@ ARMS: dict[str, tuple[dict, dict]] = {
     "example/nested max-row": ({"update": "nested", "rank_per": "example", "max_rows": 1}, {}),
     "example/nested max-row loguniform": ({"update": "nested", "rank_per": "example", "max_rows": 1,
                                            "rank_sampler": "loguniform"}, {}),
+    "example/nested max-row scale-lr": ({"update": "nested", "rank_per": "example", "max_rows": 1},
+                                        {"scale_lr": True}),
 }
 
 
@@ -57,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise-budgets", default="", help="budgets with noise runs (default: the largest)")
     p.add_argument("--noise-lora-rank", type=int, default=16)
     p.add_argument("--noise-arms", default="auto",
-                   help="arms run again with each noise seed: 'auto' (LoRA at --noise-lora-rank and the best "
-                        "QDyLoRA arm of --arms), or names such as 'lora r=16,best,example/nested'")
+                   help="arms run again with each noise seed: 'auto' (LoRA at --noise-lora-rank and the default "
+                        "arm), or names such as 'lora r=16,example/nested'")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="combine the results of parts run side by side (each with its own --output) into --output")
     p.add_argument("--arms", default=",".join(ARMS), help=f"QDyLoRA arms, of: {', '.join(ARMS)}")
@@ -69,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="keep the arms already in the output JSON")
     p.add_argument("--measure", action="store_true", help="time a few steps per arm kind and an eval, then exit")
     p.add_argument("--measure-steps", type=int, default=4)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes the runs are split over (merged at the end)")
+    p.add_argument("--tasks", default="", help=argparse.SUPPRESS)  # a worker's share of the runs (JSON)
+    p.add_argument("--no-base", action="store_true", help=argparse.SUPPRESS)  # another worker evaluates the base
     return p.parse_args(argv)
 
 
@@ -210,6 +217,63 @@ def merge(parts: list[str], out_dir: Path) -> None:
     print((out_dir / "rank_sampling.md").read_text())
 
 
+def noise_names(args) -> list[str]:
+    """The arms run again with every noise seed; 'auto': LoRA at --noise-lora-rank and the default arm."""
+    spec = f"{LORA}{args.noise_lora_rank},{DEFAULT_ARM}" if args.noise_arms == "auto" else args.noise_arms
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def plan(args, ranks: list[int], arms: list[str], res: dict) -> list[tuple[int, str, int, float]]:
+    """Every run not in `res` yet as (budget, arm, seed, estimated cost): the largest budget first."""
+    todo = []
+    done = lambda b, key, seed: key in res.get("budgets", {}).get(str(b), {}).get("seeds", {}).get(str(seed), {})
+    noise_budgets = ints(args.noise_budgets) or ints(args.budgets)[-1:]
+    # cost in LoRA-1 steps: LoRA grows with r, a QDyLoRA arm also pays its all-rank evaluation
+    lora_cost = lambda r: 1 + 0.3 * r / args.r_max
+    arm_cost = 1.25 + 2.5 * len(ranks) * args.heldout / 64 / 160
+    for b in sorted(ints(args.budgets), reverse=True):
+        runs = [(f"{LORA}{r}", args.seed) for r in sorted(ints(args.lora_ranks), reverse=True)]
+        runs += [(a, args.seed) for a in arms]
+        if b in noise_budgets:
+            runs += [(n, s) for s in ints(args.noise_seeds) for n in noise_names(args)]
+        for key, seed in runs:
+            if not done(b, key, seed):
+                cost = lora_cost(int(key[len(LORA):])) if key.startswith(LORA) else arm_cost
+                todo.append((b, key, seed, round(b * cost, 1)))
+    return todo
+
+
+def todo_first_arm(todo: list) -> str | None:
+    """The first QDyLoRA arm of a task list (it also evaluates the base model)."""
+    return next((t[1] for t in todo if not t[1].startswith(LORA)), None)
+
+
+def run_jobs(args, todo: list) -> int:
+    """Split the runs over --jobs worker processes (longest first onto the least loaded), then merge."""
+    import subprocess
+
+    loads: list[list] = [[] for _ in range(args.jobs)]
+    for task in sorted(todo, key=lambda t: -t[3]):
+        min(loads, key=lambda ts: sum(t[3] for t in ts)).append(task)
+    out, parts, procs = Path(args.output), [], []
+    for i, tasks in enumerate(loads):
+        part = Path(args.work_dir) / f"part{i}"
+        part.mkdir(parents=True, exist_ok=True)
+        parts.append(str(part))
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--tasks", json.dumps(tasks),
+               "--output", str(part), "--work-dir", str(Path(args.work_dir) / f"runs{i}")] + (["--no-base"] if i else [])
+        log = open(part / "log.txt", "w")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        print(f"part {i}: {len(tasks)} runs, cost {sum(t[3] for t in tasks):.0f} -> {part}/log.txt", flush=True)
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"parts {failed} failed; see their log.txt under {args.work_dir}")
+    # a resumed run keeps what the output already held
+    merge(([str(out)] if args.resume and (out / "rank_sampling.json").exists() else []) + parts, out)
+    shutil.rmtree(args.work_dir, ignore_errors=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from qdylora.data import build_dataset
@@ -276,22 +340,19 @@ def main(argv=None) -> int:
                 res["base"] = {"heldout_loss": e["by_rank"].pop("0")}
             store(b, name, a.seed, e)
 
-    # the largest budget first, with its noise runs: the targets need only those
-    noise_budgets = ints(args.noise_budgets) or budgets[-1:]
-    for b in sorted(budgets, reverse=True):
-        for r in sorted(ints(args.lora_ranks), reverse=True):
-            lora(b, r, args)
-        for name in arms:
-            qdylora(b, name, args, with_base="base" not in res)
-        if b in noise_budgets:
-            runs = res["budgets"][str(b)]["seeds"][str(args.seed)]
-            spec = f"{LORA}{args.noise_lora_rank},best" if args.noise_arms == "auto" else args.noise_arms
-            names = [best_arm(runs, arms) if n.strip() == "best" else n.strip() for n in spec.split(",") if n.strip()]
-            noted = res["budgets"][str(b)].setdefault("noise_arms", [])
-            noted += [n for n in names if n not in noted]
-            for s in ints(args.noise_seeds):
-                for n in names:
-                    lora(b, int(n[len(LORA):]), seeded(args, s)) if n.startswith(LORA) else qdylora(b, n, seeded(args, s))
+    for b in ints(args.noise_budgets) or budgets[-1:]:
+        noted = res["budgets"].setdefault(str(b), {}).setdefault("noise_arms", [])
+        noted += [n for n in noise_names(args) if n not in noted]
+    if args.jobs > 1 and not args.tasks:
+        return run_jobs(args, plan(args, ranks, arms, res))
+    todo = json.loads(args.tasks) if args.tasks else None
+    for b, key, seed, _cost in (todo or plan(args, ranks, arms, res)):
+        a = seeded(args, seed)
+        if key.startswith(LORA):
+            lora(b, int(key[len(LORA):]), a)
+        else:
+            qdylora(b, key, a, with_base="base" not in res and not args.no_base
+                    and (todo is None or key == todo_first_arm(todo)))
     res["complete"] = True
     clock()
     res["total_seconds"] = round(res["wall_s_previous"] + res["wall_s_this"], 1)

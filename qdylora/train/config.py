@@ -41,6 +41,8 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
     # learning rate of component k times (p_max / p_k) ** power, p_k the chance a step trains it (0: off)
     component_lr_power: float = 0.0
+    # learning rate of component k times rms / mean of the scale its gradient has per step (Adam's view)
+    scale_lr: bool = False
     fsdp: bool = False  # shard with FSDP2 over the launcher's processes (train.sharding); else DDP
     quant_storage: str = "auto"  # the packed NF4 bytes' dtype; auto: uint8, the compute dtype with fsdp
 
@@ -62,6 +64,8 @@ class TrainConfig:
         check_float("component_lr_power", self.component_lr_power, 0.0, flag="component_lr_power")
         if self.quant_storage not in QUANT_STORAGES:
             raise ConfigError(f"--quant-storage {self.quant_storage!r} is unknown; use one of {', '.join(QUANT_STORAGES)}")
+        if self.scale_lr not in (True, False):
+            raise ConfigError(f"scale_lr={self.scale_lr!r} must be True or False")
         if self.fsdp not in (True, False):
             raise ConfigError(f"fsdp={self.fsdp!r} must be True or False")
         if self.bf16 not in (None, True, False):

@@ -94,6 +94,33 @@ class RankSchedule:
         scale[p == 0] = 0.0
         return {param: scale for param in self.axes}
 
+    def scale_lr_scales(self, rows_per_step: int) -> dict[torch.Tensor, torch.Tensor]:
+        """Per-component learning-rate factors sqrt(E[s_k^2] / P(s_k > 0)) / E[s_k] for every adapter tensor.
+
+        s_k = sum over a step's rows m that train component k of alpha / b_m (up to alpha) is the scale
+        component k's gradient has in that step. Adam divides by the root mean square of the gradient, so
+        when s_k varies from step to step with the drawn ranks its mean step is E[s_k] / rms(s_k) of what a
+        constant scale (plain LoRA) gets; the factor restores it (1 when the scale never varies).
+        """
+        cfg, probs = self.config, self.sampler.probabilities()
+        per_row = cfg.rank_per in ("example", "example+module")
+        draws = rows_per_step if per_row else 1
+        top = min(cfg.max_rows, draws) if per_row else 0
+        mean, square, none = (torch.zeros(cfg.r_max, dtype=torch.float64) for _ in range(3))
+        none += 1.0
+        for k in range(cfg.r_max):
+            # one drawn row: its scale for component k (1/b if it trains k) and the chance it does not train k
+            trains = {r: p for r, p in probs.items() if (r - 1 == k if cfg.update == "frozen" else r > k)}
+            m1 = sum(p / r for r, p in trains.items())
+            m2 = sum(p / r ** 2 for r, p in trains.items())
+            fixed = top / cfg.r_max if (cfg.update != "frozen" or k == cfg.r_max - 1) else 0.0
+            n = draws - top
+            mean[k] = fixed + n * m1
+            square[k] = mean[k] ** 2 + n * (m2 - m1 ** 2)
+            none[k] = 0.0 if fixed else (1 - sum(trains.values())) ** n
+        factor = torch.where(mean > 0, torch.sqrt(square * (1 - none).clamp(min=1e-12)) / mean.clamp(min=1e-300), 0)
+        return {param: factor.to(torch.float32) for param in self.axes}
+
     def synchronize(self) -> None:
         """Make the trained components the union over every process (rows differ per process)."""
         import torch.distributed as dist

@@ -190,8 +190,7 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     args = _training_args(cfg, output_dir)
     optimizer = None
     if schedule is not None:
-        lr_scale = schedule.lr_scales(cfg.batch_size * cfg.grad_accum, cfg.component_lr_power) \
-            if cfg.component_lr_power else None
+        lr_scale = component_lr_scales(schedule, cfg)
         optimizer = (ComponentAdamW, dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                           eps=args.adam_epsilon, axes=schedule.axes, active=schedule.active,
                                           lr_scale=lr_scale, **state_settings(resolve_optim(cfg.optim))))
@@ -240,6 +239,16 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
             trainer.accelerator.wait_for_everyone()
         summary["adapter"] = str(adapter)
     return summary
+
+
+def component_lr_scales(schedule: RankSchedule, cfg: TrainConfig) -> dict | None:
+    """ComponentAdamW's per-component learning-rate factors from the config (None: every factor 1)."""
+    rows = cfg.batch_size * cfg.grad_accum
+    factors = [f for f in ((schedule.lr_scales(rows, cfg.component_lr_power) if cfg.component_lr_power else None),
+                           (schedule.scale_lr_scales(rows) if cfg.scale_lr else None)) if f is not None]
+    if not factors:
+        return None
+    return {p: torch.stack([f[p] for f in factors]).prod(0) for p in factors[0]}
 
 
 def _main_thread() -> bool:
