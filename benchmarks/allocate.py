@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="take the runs benchmarks/rank_sampling.py trained (its work-dir names, e.g. "
                         "module-nested_160_0/adapter, lora4_160_0/adapter) instead of training them again; "
                         "runs missing there are trained")
-    p.add_argument("--adapters-results", default=str(RESULTS / "rank_sampling.json"),
+    p.add_argument("--adapters-results", default=str(RESULTS / "rank_sampling_160.json"),
                    help="rank_sampling.py's results, for the training time of the runs taken from --adapters")
     p.add_argument("--adapters-only", action="store_true",
                    help="with --adapters: skip (do not train) the runs it does not hold")

@@ -37,6 +37,14 @@ def summarise(res: dict) -> dict:
             mean = sum(secs) / len(secs)
             out["seconds_per_allocation"][s] = {"mean": round(mean, 2), "percent_of_training":
                                                 round(100 * mean / train_s, 2) if train_s else None}
+    # every run against its own training time (a run trained in this process was timed under the same load)
+    out["percent_of_training_per_run"] = {}
+    for key, run in res["runs"].items():
+        for s in SCORES:
+            secs = [a[s]["seconds"] for a in run["allocations"].values() if s in a]
+            if secs and run.get("train_seconds"):
+                out["percent_of_training_per_run"].setdefault(s, {})[key] = round(
+                    100 * sum(secs) / len(secs) / run["train_seconds"], 2)
     return out
 
 
@@ -91,6 +99,14 @@ def markdown(res: dict) -> str:
               "| score | mean s | % of the training run |", "|---|---|---|"]
     for s, t in summ["seconds_per_allocation"].items():
         lines.append(f"| {s} | {t['mean']:.1f} | {t['percent_of_training']:.2f}% |")
+    per_run = summ.get("percent_of_training_per_run", {})
+    keys = sorted({k for v in per_run.values() for k in v})
+    if keys:
+        lines += ["", "Each run against its own training time (runs taken from rank_sampling.py were trained by "
+                  "another process under another load; a run trained here was timed under the same one):", "",
+                  "| score | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for s, v in per_run.items():
+            lines.append(f"| {s} | " + " | ".join(f"{v[k]:.2f}%" if k in v else "" for k in keys) + " |")
     main_run = next(iter(res["runs"].values()))
     lines += ["", "## Where the patterns put their parameters (main run)", "",
               "| R | score | off | max rank | share per module type | mean rank, layers 0-9 / 10-19 / 20-29 |",

@@ -50,6 +50,12 @@ ARMS: dict[str, tuple[dict, dict]] = {
                                            "rank_sampler": "loguniform"}, {}),
     "example/nested max-row scale-lr": ({"update": "nested", "rank_per": "example", "max_rows": 1},
                                         {"scale_lr": True}),
+    # gradient clipping: the default 0.3 against none and a tighter one
+    "example/nested max-row clip 0": ({"update": "nested", "rank_per": "example", "max_rows": 1},
+                                      {"max_grad_norm": 0.0}),
+    "example/nested max-row clip 0.1": ({"update": "nested", "rank_per": "example", "max_rows": 1},
+                                        {"max_grad_norm": 0.1}),
+    "step/nested clip 0.1": ({"update": "nested", "rank_per": "step"}, {"max_grad_norm": 0.1}),
 }
 
 
@@ -185,8 +191,9 @@ def measure(args, tok, dataset, held, ranks, arms) -> None:
                       "est_total_min": round((train_s + evals * eval_all + 8 * runs) / 60, 1)}, indent=2))
 
 
-def merge(parts: list[str], out_dir: Path) -> None:
-    """Combine parts run side by side: their runs, noise arms and arms; wall time is the longest part's."""
+def merge(parts: list[str], out_dir: Path, wall_s: float | None = None) -> None:
+    """Combine parts run side by side: their runs, noise arms and arms; wall time is the longest part's
+    (or `wall_s`, the whole run's as the process that started the parts measured it)."""
     res: dict = {}
     for part in parts:
         r = json.loads((Path(part) / "rank_sampling.json").read_text())
@@ -212,6 +219,8 @@ def merge(parts: list[str], out_dir: Path) -> None:
     res.pop("wall_s_this", None)
     res["wall_s_previous"] = max(p["wall_s"] for p in res["parts"])
     res["cpu_s_total"] = round(sum(p["cpu_s"] for p in res["parts"]), 1)
+    if wall_s is not None:
+        res["wall_s_previous"] = round(wall_s, 1)
     res["total_seconds"] = res["wall_s_previous"]
     save(res, out_dir)
     print((out_dir / "rank_sampling.md").read_text())
@@ -248,13 +257,15 @@ def todo_first_arm(todo: list) -> str | None:
     return next((t[1] for t in todo if not t[1].startswith(LORA)), None)
 
 
-def run_jobs(args, todo: list) -> int:
+def run_jobs(args, todo: list, t_start: float) -> int:
     """Split the runs over --jobs worker processes (longest first onto the least loaded), then merge."""
     import subprocess
 
-    loads: list[list] = [[] for _ in range(args.jobs)]
+    loads: list[list] = [[] for _ in range(min(args.jobs, len(todo)))]
     for task in sorted(todo, key=lambda t: -t[3]):
         min(loads, key=lambda ts: sum(t[3] for t in ts)).append(task)
+    # each worker runs its share largest budget first, as one process would
+    loads = [sorted(ts, key=lambda t: (-t[0], todo.index(t))) for ts in loads]
     out, parts, procs = Path(args.output), [], []
     for i, tasks in enumerate(loads):
         part = Path(args.work_dir) / f"part{i}"
@@ -269,7 +280,9 @@ def run_jobs(args, todo: list) -> int:
     if failed:
         raise SystemExit(f"parts {failed} failed; see their log.txt under {args.work_dir}")
     # a resumed run keeps what the output already held
-    merge(([str(out)] if args.resume and (out / "rank_sampling.json").exists() else []) + parts, out)
+    previous = json.loads((out / "rank_sampling.json").read_text()) if args.resume and (out / "rank_sampling.json").exists() else None
+    merge(([str(out)] if previous else []) + parts, out,
+          wall_s=time.perf_counter() - t_start + (previous.get("total_seconds", 0) if previous else 0))
     shutil.rmtree(args.work_dir, ignore_errors=True)
     return 0
 
@@ -344,9 +357,9 @@ def main(argv=None) -> int:
         noted = res["budgets"].setdefault(str(b), {}).setdefault("noise_arms", [])
         noted += [n for n in noise_names(args) if n not in noted]
     if args.jobs > 1 and not args.tasks:
-        return run_jobs(args, plan(args, ranks, arms, res))
+        return run_jobs(args, plan(args, ranks, arms, res), t_start)
     todo = json.loads(args.tasks) if args.tasks else None
-    for b, key, seed, _cost in (todo or plan(args, ranks, arms, res)):
+    for b, key, seed, _cost in (todo if todo is not None else plan(args, ranks, arms, res)):
         a = seeded(args, seed)
         if key.startswith(LORA):
             lora(b, int(key[len(LORA):]), a)
