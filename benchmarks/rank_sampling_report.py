@@ -109,7 +109,7 @@ def markdown(res: dict) -> str:
     """The results as markdown: per budget a loss table, differences against LoRA, noise; then targets and timings."""
     cfg = res["config"]
     ranks = [str(r) for r in cfg["ranks"]]
-    base = res.get("base", {}).get("heldout_loss")
+    base = (res.get("base") or {}).get("heldout_loss")
     lines = [f"# Rank granularity and update rule, NF4 SmolLM2-135M-Instruct ({res['machine']})", "",
              f"Batch {cfg['batch_size']} x max {cfg['max_seq_len']} tokens, lr {cfg['lr']} (warm-up "
              f"{cfg['warmup_steps']}, cosine), alpha {cfg['alpha']}, r_max {cfg['r_max']}, optimizer {cfg['optim']} "
