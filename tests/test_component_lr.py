@@ -83,3 +83,35 @@ def test_adamw_first_step_moves_each_component_by_its_factor_times_lr():
 def test_scale_lr_must_be_a_bool():
     with pytest.raises(ConfigError, match="scale_lr"):
         TrainConfig(scale_lr="yes")
+
+
+def test_training_with_scale_lr_scales_each_components_first_step(tiny_model_dir, tmp_path):
+    # B starts at zero, so the first step's gradients are the same with and without the factors, and Adam's
+    # first step is +-lr per entry: B's components must differ by exactly the factors
+    import json
+
+    from safetensors.torch import load_file
+
+    from qdylora.train import train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
+                              for i in range(1, 9)))
+    q = dict(r_min=1, r_max=8, alpha=8.0, seed=3, rank_per="example", max_rows=1)
+    weights = {}
+    for on in (False, True):
+        t = TrainConfig(max_steps=1, batch_size=4, max_seq_len=64, learning_rate=1e-3, optim="adamw_torch",
+                        warmup_steps=0, gradient_checkpointing=False, seed=3, scale_lr=on)
+        train(str(tiny_model_dir), str(data), str(tmp_path / f"run{on}"), QDyLoRAConfig(**q), t)
+        weights[on] = load_file(str(tmp_path / f"run{on}" / "adapter" / "qdylora_adapter.safetensors"))
+    factor = schedule(r_max=8, rank_per="example", max_rows=1).scale_lr_scales(4)["A"]
+    assert factor[0] > 1.05  # the factors differ from 1 by far more than the tolerance below
+    b_keys = [k for k in weights[True] if "lora_B" in k]
+    assert b_keys
+    for k in b_keys:
+        on, off = weights[True][k].double(), weights[False][k].double()
+        moved = off.abs() > 0
+        assert moved.any()
+        ratio = (on[moved] / off[moved])
+        cols = moved.nonzero()[:, 1]
+        assert torch.allclose(ratio, factor.double()[cols], rtol=1e-4), k
