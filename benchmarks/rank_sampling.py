@@ -58,6 +58,9 @@ ARMS: dict[str, tuple[dict, dict]] = {
     "example/nested max-row clip 0.1": ({"update": "nested", "rank_per": "example", "max_rows": 1},
                                         {"max_grad_norm": 0.1}),
     "step/nested clip 0.1": ({"update": "nested", "rank_per": "step"}, {"max_grad_norm": 0.1}),
+    # every row's A/B gradient at alpha / r_max: the rows of a batch weigh alike on shared components
+    "example/even max-row": ({"update": "even", "rank_per": "example", "max_rows": 1}, {}),
+    "example/even": ({"update": "even", "rank_per": "example", "max_rows": 0}, {}),
 }
 
 # the arms the issue asks for and the default; the others were tried at 160 steps (rank_sampling_explore.md)

@@ -149,7 +149,8 @@ def formula(x, W, bias, A, B, ranks, alpha: float, update: str, x_lora=None):
 
     y_m = x_m W^T + (alpha / r_m) * sum_{k < r_m} (x_lora_m . A_k) B[:, k] + bias   (rank 0: base only).
     'frozen': only component r_m - 1 of row m can get a gradient, the others enter detached;
-    'nested': every component k < r_m can.
+    'nested': every component k < r_m can; 'even': the same, but A and B see it at the scale alpha / R
+    (R = A's rows) instead of alpha / r_m, while the output and dx keep alpha / r_m.
     """
     xl = x if x_lora is None else x_lora
     rows = []
@@ -160,6 +161,9 @@ def formula(x, W, bias, A, B, ranks, alpha: float, update: str, x_lora=None):
             a_k, b_k = A[k], B[:, k]
             if update == "frozen" and k != r - 1:
                 a_k, b_k = a_k.detach(), b_k.detach()
+            if update == "even":  # the value a_k, a gradient times r / R: (alpha / r) (r / R) = alpha / R
+                c = r / A.shape[0]
+                a_k, b_k = a_k * c + a_k.detach() * (1 - c), b_k * c + b_k.detach() * (1 - c)
             y_m = y_m + (alpha / r) * (xl[m] @ a_k) * b_k
         rows.append(y_m if bias is None else y_m + bias)
     return torch.stack(rows)

@@ -37,13 +37,13 @@ def case_for(path: str, dtype: torch.dtype, x_lora: bool = False) -> dict:
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
-@pytest.mark.parametrize("update", ["frozen", "nested"])
+@pytest.mark.parametrize("update", ["frozen", "nested", "even"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_reference_op_matches_formula(path, update, dtype, atol, rtol):
     check_against_formula(ReferenceQDyLoRALinear.apply, case_for(path, dtype), update, atol, rtol)
 
 
-@pytest.mark.parametrize("update", ["frozen", "nested"])
+@pytest.mark.parametrize("update", ["frozen", "nested", "even"])
 def test_reference_op_x_lora_matches_formula(update):
     check_against_formula(ReferenceQDyLoRALinear.apply, case_for("split", torch.float32, x_lora=True), update,
                           *TOLERANCES[0][1:])
@@ -60,7 +60,7 @@ def test_kernels_match_formula(path, update, dtype, atol, rtol):
 
 @pytest.mark.kernels
 @ZERO_RANK_SCALE
-@pytest.mark.parametrize("update", ["frozen", "nested"])
+@pytest.mark.parametrize("update", ["frozen", "nested", "even"])
 def test_kernels_x_lora_match_formula(update):
     check_against_formula(qk.triton_qdylora_linear, case_for("split", torch.float32, x_lora=True), update,
                           *TOLERANCES[0][1:])

@@ -167,7 +167,7 @@ def test_ranks(M, rank):
 
 
 @pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
-@pytest.mark.parametrize("update", ["frozen", "nested"])
+@pytest.mark.parametrize("update", ["frozen", "nested", "even"])
 def test_mixed_row_ranks(M, update):
     ranks = [(7 * i) % 64 + 1 for i in range(M)]  # 1..64, all different neighbours
     check(make_case(M, 48, 128, 64, ranks), update)

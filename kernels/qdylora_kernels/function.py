@@ -10,13 +10,13 @@ from .forward import fused_forward, splitk_forward
 from .nf4 import nf4_weight, unsupported_reason
 from .ranks import rank_masks, row_ranks
 
-UPDATES = ("frozen", "nested")
+UPDATES = ("frozen", "nested", "even")
 
 
 def _forward(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora, need_h=True):
     """(y, what backward needs): the forward kernels, with the inputs brought to the compute dtype."""
     if update not in UPDATES:
-        raise ValueError(f"update={update!r}; use 'frozen' or 'nested'")
+        raise ValueError(f"update={update!r}; use one of {', '.join(UPDATES)}")
     dtype = x.dtype
     w = nf4_weight(weight, quant_state)
     x = x.contiguous()

@@ -19,7 +19,12 @@ def row_ranks(ranks: int | torch.Tensor, rows: int, device: torch.device) -> tor
 
 
 def rank_masks(ranks: torch.Tensor, r_alloc: int, alpha: float, update: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(forward mask scaled by alpha/r, gradient mask scaled by alpha/r), both [rows, r_alloc] float32."""
+    """(forward mask scaled by alpha/r, gradient mask), both [rows, r_alloc] float32.
+
+    The gradient mask (what dA and dB see) per update rule: 'frozen' - component r-1 at alpha/r; 'nested' -
+    components < r at alpha/r (the true gradient); 'even' - components < r at alpha/r_alloc, so every row
+    weighs alike on the components it shares with the others (callers pass all r_max components).
+    """
     k = torch.arange(r_alloc, device=ranks.device)
     # rank 0 means "base model only" (no adapter) for that row
     scale = torch.where(ranks > 0, alpha / ranks.clamp(min=1).to(torch.float32), 0.0)[:, None]
@@ -28,6 +33,8 @@ def rank_masks(ranks: torch.Tensor, r_alloc: int, alpha: float, update: str) -> 
         grad = (k[None, :] == (ranks[:, None] - 1)).to(torch.float32) * scale
     elif update == "nested":
         grad = fwd
+    elif update == "even":
+        grad = (k[None, :] < ranks[:, None]).to(torch.float32) * (alpha / r_alloc)
     else:
-        raise ValueError(f"update={update!r}; use 'frozen' or 'nested'")
+        raise ValueError(f"update={update!r}; use 'frozen', 'nested' or 'even'")
     return fwd, grad

@@ -21,7 +21,7 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "fc1", "fc2", "out_proj", "qkv_proj", "gate_up_proj", "Wqkv",
 )
 
-UPDATE_MODES = ("frozen", "nested", "matryoshka")
+UPDATE_MODES = ("frozen", "nested", "matryoshka", "even")
 RANK_PER = ("step", "example", "module", "example+module")
 SAMPLERS = ("uniform", "loguniform", "geometric", "list")
 

@@ -6,7 +6,9 @@ gradient (the op's masks: 'frozen' - component b-1 of each row; 'nested' - all c
 in training, which ones the optimizer steps (ComponentAdamW, told by the RankSchedule), so frozen
 mode's untrained components keep value and optimizer state bit for bit. 'matryoshka' trains every
 component in each forward, component i weighted by the summed scales of the training ranks above it
-(MatryoshkaLoRA); at inference every rule is the same truncation to rank b with scale alpha/b.
+(MatryoshkaLoRA); 'even' is nested with every row's A/B gradient at alpha/r_max instead of alpha/b, so
+the rows of a batch weigh alike on the components they share. At inference every rule is the same
+truncation to rank b with scale alpha/b.
 """
 
 from __future__ import annotations
@@ -119,6 +121,11 @@ class DyLoRALinear(nn.Module, LoraLayer):
                 A, ranks = A * weights[:, None], cfg.r_max
             update = "nested"
         r_alloc = max(1, int(ranks.max()) if isinstance(ranks, torch.Tensor) else int(ranks))
+        if update == "even":
+            if training:
+                r_alloc = cfg.r_max  # the op's 'even' gradient scale is alpha / (the components it is given)
+            else:
+                update = "nested"
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and self.training else None
         weight, quant_state = packed_nf4(base)

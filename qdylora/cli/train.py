@@ -48,7 +48,7 @@ SETTINGS = [
      "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
 ]
 # matryoshka stays a Python option (benchmarks/rank_sampling.py): it lost at every rank there
-CHOICES = {"update": tuple(m for m in UPDATE_MODES if m != "matryoshka"), "rank_sampler": SAMPLERS,
+CHOICES = {"update": tuple(m for m in UPDATE_MODES if m not in ("matryoshka", "even")), "rank_sampler": SAMPLERS,
            "optim": OPTIMIZERS, "rank_per": RANK_PER, "quant_storage": QUANT_STORAGES}
 
 

@@ -79,7 +79,8 @@ def qdylora_linear(
 
     x: [..., in]; weight/quant_state: a bitsandbytes NF4 weight; lora_A: [R, in]; lora_B: [out, R]
     with R >= every rank; ranks: an int, or a tensor with one rank per row or per leading batch
-    element; update: 'frozen' (only component r-1 of a row gets gradient) or 'nested' (all < r);
+    element; update: 'frozen' (only component r-1 of a row gets gradient), 'nested' (all < r) or 'even'
+    (all < r, at the scale alpha/R for every row: rows weigh alike on shared components);
     x_lora: the input of the low-rank path when it differs from x (dropout).
     """
     lead = x.shape[:-1]

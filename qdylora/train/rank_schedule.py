@@ -2,7 +2,7 @@
 record which components each optimizer step trains (what ComponentAdamW steps).
 
 Which components a step trains, per update rule: 'frozen' - component b-1 for every rank b a row or
-module ran at; 'nested' - components 0..b-1 for the largest such b; 'matryoshka' - all of them.
+module ran at; 'nested' and 'even' - components 0..b-1 for the largest such b; 'matryoshka' - all of them.
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ class RankSchedule:
         for r, p in probs.items():
             if self.config.update == "frozen":
                 per_draw[r - 1] += p
-            elif self.config.update == "nested":
+            elif self.config.update in ("nested", "even"):
                 per_draw[:r] += p
         if self.config.update == "matryoshka":
             per_draw[:] = 1.0
         per_row = self.config.rank_per in ("example", "example+module")
         draws = rows_per_step if per_row else 1
         top = min(self.config.max_rows, draws) if per_row else 0  # rows at r_max, not drawn
-        if self.config.update == "nested":  # a step trains components < the largest of its draws
+        if self.config.update in ("nested", "even"):  # a step trains components < the largest of its draws
             below = torch.tensor([sum(p for r, p in probs.items() if r <= k) for k in range(self.config.r_max)],
                                  dtype=torch.float64)
             return torch.ones_like(below) if top else 1 - below ** draws
