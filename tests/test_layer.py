@@ -120,6 +120,35 @@ def test_frozen_gradient_equals_autograd_of_hand_formula():
     torch.testing.assert_close(layer.lora_dyB["default"].grad[:, rank - 1], B.grad[:, rank - 1])
 
 
+def test_even_mode_gives_every_row_the_r_max_gradient_scale_and_the_usual_output():
+    """Rows at ranks 2 and 5 of r_max 8: output and dx at alpha/b; A and B get the gradient of the hand
+    formula taken at alpha/r_max, for every row and even though no row runs at r_max."""
+    model = _model("even", r_max=8)
+    layer = dylora_layers(model)[0]
+    ranks = torch.tensor([2, 5])
+    set_rank(model, ranks)
+    model.train()
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    g = torch.randn(2, layer.out_features)
+    y = layer(x)
+    (y * g).sum().backward()
+    rows = [_hand(layer, x[m:m + 1], int(b)) for m, b in enumerate(ranks)]
+    torch.testing.assert_close(y, torch.cat(rows), rtol=1e-5, atol=1e-5)
+    A, B = (t.requires_grad_(True) for t in layer.factors())
+    base = layer.get_base_layer()
+    W = dequantize_nf4(base.weight.data, base.weight.quant_state)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_flat = torch.cat([x2[m:m + 1] @ W.t() + (16.0 / 8) * (x2[m:m + 1] @ A[:b].t()) @ B[:, :b].t()
+                        for m, b in enumerate(ranks.tolist())])
+    (y_flat * g).sum().backward()
+    torch.testing.assert_close(layer.lora_dyA["default"].grad, A.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_dyB["default"].grad, B.grad, rtol=1e-5, atol=1e-6)
+    # dx is the true gradient of the output (alpha / b), not the flat one
+    x3 = x.detach().clone().requires_grad_(True)
+    (torch.cat([_hand(layer, x3[m:m + 1], int(b)) for m, b in enumerate(ranks)]) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x3.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_matryoshka_trains_every_component_weighted_by_the_ranks_above():
     """Training forward = base + sum_i P_i (x A_i) B_i, P_i = sum of alpha/r over training ranks r > i."""
     model = _model("matryoshka", r_max=8, rank_sampler="list", rank_list=[2, 8])
