@@ -58,7 +58,9 @@ def targets(res: dict) -> dict | None:
     b = res["budgets"].get(str(budgets[-1]))
     if not b or "base" not in res:
         return None
-    runs = b["seeds"][str(res["config"]["seed"])]
+    runs = b["seeds"].get(str(res["config"]["seed"]))
+    if runs is None:  # a part with noise runs only
+        return None
     nz = noise(b)
     if nz is None:
         return None
