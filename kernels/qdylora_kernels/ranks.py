@@ -28,13 +28,14 @@ def rank_masks(ranks: torch.Tensor, r_alloc: int, alpha: float, update: str) -> 
     k = torch.arange(r_alloc, device=ranks.device)
     # rank 0 means "base model only" (no adapter) for that row
     scale = torch.where(ranks > 0, alpha / ranks.clamp(min=1).to(torch.float32), 0.0)[:, None]
-    fwd = (k[None, :] < ranks[:, None]).to(torch.float32) * scale
+    inside = (k[None, :] < ranks[:, None]).to(torch.float32)
+    fwd = inside * scale
     if update == "frozen":
         grad = (k[None, :] == (ranks[:, None] - 1)).to(torch.float32) * scale
     elif update == "nested":
         grad = fwd
     elif update == "even":
-        grad = (k[None, :] < ranks[:, None]).to(torch.float32) * (alpha / r_alloc)
+        grad = inside * (alpha / r_alloc)
     else:
         raise ValueError(f"update={update!r}; use 'frozen', 'nested' or 'even'")
     return fwd, grad

@@ -64,6 +64,12 @@ class RankSchedule:
             self.trained[i] |= self._components(ranks)
         self.micro += 1
 
+    def _draws(self, rows_per_step: int) -> tuple[int, int]:
+        """(rank draws per step and module, how many of them are rows at r_max rather than drawn)."""
+        if self.config.rank_per not in ("example", "example+module"):
+            return 1, 0
+        return rows_per_step, min(self.config.max_rows, rows_per_step)
+
     def train_probabilities(self, rows_per_step: int) -> torch.Tensor:
         """[r_max]: the probability that a step trains component k, from the draw distribution."""
         probs = self.sampler.probabilities()
@@ -75,9 +81,7 @@ class RankSchedule:
                 per_draw[:r] += p
         if self.config.update == "matryoshka":
             per_draw[:] = 1.0
-        per_row = self.config.rank_per in ("example", "example+module")
-        draws = rows_per_step if per_row else 1
-        top = min(self.config.max_rows, draws) if per_row else 0  # rows at r_max, not drawn
+        draws, top = self._draws(rows_per_step)
         if self.config.update in ("nested", "even"):  # a step trains components < the largest of its draws
             below = torch.tensor([sum(p for r, p in probs.items() if r <= k) for k in range(self.config.r_max)],
                                  dtype=torch.float64)
@@ -103,9 +107,7 @@ class RankSchedule:
         constant scale (plain LoRA) gets; the factor restores it (1 when the scale never varies).
         """
         cfg, probs = self.config, self.sampler.probabilities()
-        per_row = cfg.rank_per in ("example", "example+module")
-        draws = rows_per_step if per_row else 1
-        top = min(cfg.max_rows, draws) if per_row else 0
+        draws, top = self._draws(rows_per_step)
         mean, square, none = (torch.zeros(cfg.r_max, dtype=torch.float64) for _ in range(3))
         none += 1.0
         for k in range(cfg.r_max):
