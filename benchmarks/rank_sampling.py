@@ -61,6 +61,10 @@ ARMS: dict[str, tuple[dict, dict]] = {
     # every row's A/B gradient at alpha / r_max: the rows of a batch weigh alike on shared components
     "example/even max-row": ({"update": "even", "rank_per": "example", "max_rows": 1}, {}),
     "example/even": ({"update": "even", "rank_per": "example", "max_rows": 0}, {}),
+    # a drawn row is r_max with probability 0.5: with max_rows 1 and batch 2, 3/4 of the rows run at r_max
+    "example/even max-row p0.5": ({"update": "even", "rank_per": "example", "max_rows": 1, "r_max_prob": 0.5}, {}),
+    # every row at r_max: LoRA-r_max trained through QDyLoRA's layers and optimizer (the pipeline's own check)
+    "example/nested all-max": ({"update": "nested", "rank_per": "example", "max_rows": 2}, {}),
 }
 
 # the arms the issue asks for and the default; the others were tried at 160 steps (rank_sampling_explore.md)

@@ -202,3 +202,39 @@ def test_max_rows_needs_per_row_ranks():
                 {"rank_per": "example", "max_rows": -1}):
         with pytest.raises(ConfigError, match="max_rows"):
             QDyLoRAConfig(**bad)
+
+
+def test_r_max_prob_mixes_r_max_into_every_draw():
+    # hand mixture: (1 - p) * uniform over 1..8 + p * [8]
+    probs = RankSampler(QDyLoRAConfig(r_max=8, r_max_prob=0.5, rank_per="example")).probabilities()
+    assert probs[8] == pytest.approx(0.5 + 0.5 / 8) and all(probs[r] == pytest.approx(0.5 / 8) for r in range(1, 8))
+    # a list without r_max still draws r_max at p
+    listed = RankSampler(QDyLoRAConfig(r_max=8, r_max_prob=0.25, rank_sampler="list", rank_list=[1, 2])).probabilities()
+    assert listed == pytest.approx({1: 0.375, 2: 0.375, 8: 0.25})
+    # observed frequencies of real row draws (max_rows 0): r_max 9/16 of the rows, within 5 sigma of 6000 draws
+    s = RankSampler(QDyLoRAConfig(r_max=8, seed=SEED, r_max_prob=0.5, rank_per="example", max_rows=0))
+    rows = [r for step in range(1000) for r in s.rows(step, 0, 6)]
+    share, sigma = rows.count(8) / len(rows), (9 / 16 * 7 / 16 / len(rows)) ** 0.5
+    assert abs(share - 9 / 16) < 5 * sigma
+    assert abs(rows.count(3) / len(rows) - 1 / 16) < 5 * (1 / 16 * 15 / 16 / len(rows)) ** 0.5
+    # per-step and per-module draws take the same mixture
+    steps = [s.sample(k) for k in range(6000)]
+    assert abs(steps.count(8) / 6000 - 9 / 16) < 5 * (9 / 16 * 7 / 16 / 6000) ** 0.5
+
+
+def test_r_max_prob_one_trains_every_row_at_r_max(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    rec = RankRecorder(monkeypatch)
+    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per="example", update="even", max_rows=0,
+                      r_max_prob=1.0)
+    t = TrainConfig(max_steps=2, batch_size=3, grad_accum=2, max_seq_len=64, save_steps=10, seed=SEED,
+                    learning_rate=1e-3, optim="adamw_torch", gradient_checkpointing=False, warmup_steps=0)
+    res = train(str(tiny_model_dir), str(data_file), str(tmp_path / "run"), q, t)
+    seen = rec.by_micro_step(len(dylora_layers(res["model"])))
+    assert len(seen) == 4 and all(ranks == [8, 8, 8] for micro in seen for ranks in micro)
+
+
+def test_r_max_prob_is_checked(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--r-max-prob", "1.5"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "--r-max-prob" in err and "[0, 1]" in err
+    assert not (tmp_path / "o").exists()

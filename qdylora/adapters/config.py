@@ -49,6 +49,9 @@ class QDyLoRAConfig:
     # top components train every step (slimmable networks' "sandwich" rule, its largest-width half);
     # None: 1 with per-row ranks, else 0
     max_rows: int | None = None
+    # every draw (per step, row or module) is r_max with this probability, else from rank_sampler: what share
+    # of the training runs at r_max (a drawn row at probability p, plus the max_rows rows)
+    r_max_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_rows is None:
@@ -75,6 +78,9 @@ class QDyLoRAConfig:
         if self.max_rows and self.rank_per not in ("example", "example+module"):
             raise ConfigError(f"max_rows (--max-rows) needs ranks drawn per row: --rank-per example or "
                               f"example+module, not {self.rank_per!r}.")
+        if isinstance(self.r_max_prob, bool) or not isinstance(self.r_max_prob, (int, float)) or not (
+                0.0 <= self.r_max_prob <= 1.0):
+            raise ConfigError(f"r_max_prob={self.r_max_prob!r} must be a probability in [0, 1] (--r-max-prob).")
         if self.rank_sampler not in SAMPLERS:
             raise ConfigError(f"rank_sampler={self.rank_sampler!r} is unknown; use one of {', '.join(SAMPLERS)}.")
         if self.rank_list is not None and self.rank_sampler != "list":

@@ -8,6 +8,7 @@ rows are numbered globally) all draw the same ranks as one uninterrupted run.
 - `rank_per='module'`: one rank per adapted module per optimizer step (the same for every row).
 - `rank_per='example+module'`: one rank per (sequence, module).
 - `max_rows=k` (with the two above): rows 0..k-1 of every micro-step (numbered globally) run at r_max.
+- `r_max_prob=p`: every draw is r_max with probability p, else from the sampler's distribution.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ class RankSampler:
         else:
             self.ranks = sorted({int(r) for r in c.rank_list or []})
             self.weights = [1.0] * len(self.ranks)
+        if c.r_max_prob > 0:  # the mixture (1 - p) * distribution + p * [r_max]; p = 0 keeps the draws as they were
+            total = sum(self.weights)
+            self.weights = [(1 - c.r_max_prob) * w / total for w in self.weights]
+            if c.r_max not in self.ranks:
+                self.ranks.append(c.r_max)
+                self.weights.append(0.0)
+            self.weights[self.ranks.index(c.r_max)] += c.r_max_prob
 
     def _draw(self, key: str) -> int:
         # str seeds are hashed with sha512: stable across processes and Python versions

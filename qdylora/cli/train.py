@@ -20,13 +20,16 @@ SETTINGS = [
     ("--alpha", "qdylora", "alpha", float, "scale numerator: rank b uses alpha/b"),
     ("--dropout", "qdylora", "dropout", float, "dropout on the low-rank path's input"),
     ("--update", "qdylora", "update", str,
-     "nested: at rank b components 1..b train; frozen: only component b trains (the DyLoRA paper's rule)"),
+     "nested: at rank b components 1..b train; even: the same, every row's A/B gradient at alpha/r_max instead of "
+     "alpha/b; frozen: only component b trains (the DyLoRA paper's rule)"),
     ("--rank-per", "qdylora", "rank_per", str,
      "what one rank draw covers: step (every module and row), example (each sequence), module (each adapted "
      "linear), example+module"),
     ("--max-rows", "qdylora", "max_rows", int,
      "with --rank-per example or example+module: the first N rows of every micro-batch run at r_max, so the top "
      "components train every step (default: 1 with per-row ranks, else 0)"),
+    ("--r-max-prob", "qdylora", "r_max_prob", float,
+     "probability that a rank draw (a row, module or step) is r_max instead of one from --rank-sampler"),
     ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,
@@ -48,7 +51,7 @@ SETTINGS = [
      "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
 ]
 # matryoshka stays a Python option (benchmarks/rank_sampling.py): it lost at every rank there
-CHOICES = {"update": tuple(m for m in UPDATE_MODES if m not in ("matryoshka", "even")), "rank_sampler": SAMPLERS,
+CHOICES = {"update": tuple(m for m in UPDATE_MODES if m != "matryoshka"), "rank_sampler": SAMPLERS,
            "optim": OPTIMIZERS, "rank_per": RANK_PER, "quant_storage": QUANT_STORAGES}
 
 

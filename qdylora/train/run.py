@@ -32,7 +32,8 @@ FREE_ON_RESUME = {"save_steps", "save_total_limit", "logging_steps", "gradient_c
 PER_LAUNCH = {"fsdp": False, "quant_storage": "auto"}
 SETTING_FLAGS = {"model": "--model", "data": "--data", "r_min": "--r-min", "r_max": "--r-max", "alpha": "--alpha",
                  "dropout": "--dropout", "update": "--update", "target_modules": "--target-modules",
-                 "rank_sampler": "--rank-sampler", "rank_per": "--rank-per", "max_rows": "--max-rows", "rank_list": "--rank-list",
+                 "rank_sampler": "--rank-sampler", "rank_per": "--rank-per", "max_rows": "--max-rows",
+                 "r_max_prob": "--r-max-prob", "rank_list": "--rank-list",
                  "learning_rate": "--lr", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
                  "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay",
                  "max_grad_norm": "--max-grad-norm", "optim": "--optim", "seed": "--seed", "max_steps": "--max-steps"}
