@@ -16,14 +16,15 @@ from qdylora.train.rank_schedule import RankSchedule
 
 def schedule(**config) -> RankSchedule:
     """A RankSchedule over no layers with one stand-in adapter tensor, so its factors can be read."""
-    s = RankSchedule(nn.Linear(1, 1), QDyLoRAConfig(r_min=1, alpha=16.0, **config))
+    s = RankSchedule(nn.Linear(1, 1), QDyLoRAConfig(r_min=1, alpha=16.0, **{"r_max_prob": 0.0, **config}))
     s.axes = {"A": 0}
     return s
 
 
 def simulated_factor(cfg: QDyLoRAConfig, rows: int, steps: int = 4000) -> torch.Tensor:
     """rms / mean of component k's per-step gradient scale over the steps that train it, from real draws."""
-    s = schedule(**{k: getattr(cfg, k) for k in ("r_max", "rank_per", "max_rows", "rank_sampler", "update")})
+    s = schedule(**{k: getattr(cfg, k) for k in ("r_max", "rank_per", "max_rows", "rank_sampler", "update",
+                                                 "r_max_prob")})
     k = torch.arange(cfg.r_max)
     total, square, hits = (torch.zeros(cfg.r_max, dtype=torch.float64) for _ in range(3))
     for step in range(steps):
@@ -56,9 +57,10 @@ def test_scale_factor_by_hand_for_two_ranks():
     (dict(rank_per="example", max_rows=1), 2),
     (dict(rank_per="example", max_rows=1, rank_sampler="loguniform"), 4),
     (dict(rank_per="example", max_rows=0, update="frozen"), 3),
+    (dict(rank_per="example", max_rows=1, r_max_prob=0.5), 3),
 ])
 def test_scale_factor_matches_simulated_draws(config, rows):
-    cfg = QDyLoRAConfig(r_min=1, r_max=16, alpha=16.0, **config)
+    cfg = QDyLoRAConfig(r_min=1, r_max=16, alpha=16.0, **{"r_max_prob": 0.0, **config})
     want = simulated_factor(cfg, rows)
     got = schedule(r_max=16, **config).scale_lr_scales(rows)["A"].double()
     assert torch.allclose(got, want, rtol=0.03), (got, want)
@@ -97,7 +99,7 @@ def test_training_with_scale_lr_scales_each_components_first_step(tiny_model_dir
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
                               for i in range(1, 9)))
-    q = dict(r_min=1, r_max=8, alpha=8.0, seed=3, rank_per="example", max_rows=1)
+    q = dict(r_min=1, r_max=8, alpha=8.0, seed=3, rank_per="example", max_rows=1, r_max_prob=0.0)
     weights = {}
     for on in (False, True):
         t = TrainConfig(max_steps=1, batch_size=4, max_seq_len=64, learning_rate=1e-3, optim="adamw_torch",

@@ -12,7 +12,7 @@ from qdylora.adapters.rank_sampler import RankSampler
 
 
 def test_uniform_covers_range_with_flat_frequencies():
-    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, seed=3))
+    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, seed=3, r_max_prob=0.0))
     n = 64 * 400
     counts = collections.Counter(s.sample(t) for t in range(n))
     assert set(counts) == set(range(1, 65))
@@ -23,18 +23,19 @@ def test_uniform_covers_range_with_flat_frequencies():
 
 
 def test_same_seed_same_ranks_and_step_indexed():
-    a = RankSampler(QDyLoRAConfig(seed=7))
-    b = RankSampler(QDyLoRAConfig(seed=7))
+    a = RankSampler(QDyLoRAConfig(seed=7, r_max_prob=0.0))
+    b = RankSampler(QDyLoRAConfig(seed=7, r_max_prob=0.0))
     assert [a.sample(t) for t in range(50)] == [b.sample(t) for t in range(50)]
     # a resumed run asks for step t directly: same answer as the uninterrupted run
     assert a.sample(37) == [b.sample(t) for t in range(50)][37]
-    c = RankSampler(QDyLoRAConfig(seed=8))
+    c = RankSampler(QDyLoRAConfig(seed=8, r_max_prob=0.0))
     assert [a.sample(t) for t in range(50)] != [c.sample(t) for t in range(50)]
 
 
 def test_geometric_prefers_small_ranks_with_expected_ratio():
     p = 0.2
-    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, rank_sampler="geometric", geometric_p=p))
+    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, rank_sampler="geometric", geometric_p=p,
+                                  r_max_prob=0.0))
     counts = collections.Counter(s.sample(t) for t in range(20000))
     # P(1) / P(2) = 1 / (1 - p) = 1.25 for a (truncated) geometric
     assert counts[1] > counts[2] > counts[5]
@@ -43,7 +44,8 @@ def test_geometric_prefers_small_ranks_with_expected_ratio():
 
 def test_loguniform_gives_every_octave_the_same_mass():
     """P(r) = (1/r) / H(64), H(64) = sum of 1/r: P(1) / P(2) = 2, and the octaves [2^k, 2^(k+1)) alike."""
-    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, rank_sampler="loguniform", rank_per="example", max_rows=0))
+    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, rank_sampler="loguniform", rank_per="example", max_rows=0,
+                                  r_max_prob=0.0))
     counts = collections.Counter(s.rows(t, 0, 1)[0] for t in range(40000))
     harmonic = sum(1 / r for r in range(1, 65))
     assert math.isclose(counts[1] / 40000, 1 / harmonic, rel_tol=0.05)
@@ -55,7 +57,7 @@ def test_loguniform_gives_every_octave_the_same_mass():
 
 
 def test_list_sampler_draws_only_listed_ranks():
-    s = RankSampler(QDyLoRAConfig(r_max=64, rank_sampler="list", rank_list=[1, 4, 16, 64]))
+    s = RankSampler(QDyLoRAConfig(r_max=64, rank_sampler="list", rank_list=[1, 4, 16, 64], r_max_prob=0.0))
     assert {s.sample(t) for t in range(500)} == {1, 4, 16, 64}
 
 

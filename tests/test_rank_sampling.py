@@ -52,7 +52,7 @@ class RankRecorder:
 
 
 def _train(model_dir, data, out, rank_per, steps=3, batch=3, accum=2, update="nested", resume=False, **kw):
-    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per=rank_per, update=update)
+    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per=rank_per, update=update, r_max_prob=0.0)
     t = TrainConfig(max_steps=steps, batch_size=batch, grad_accum=accum, max_seq_len=64, save_steps=2, seed=SEED,
                     learning_rate=1e-3, optim="adamw_torch", gradient_checkpointing=False, warmup_steps=0, **kw)
     return train(str(model_dir), str(data), str(out), q, t, resume=resume)
@@ -60,7 +60,7 @@ def _train(model_dir, data, out, rank_per, steps=3, batch=3, accum=2, update="ne
 
 def _expected(rank_per, steps, accum, batch, n_layers):
     """The documented draws (qdylora.adapters.rank_sampler) as [micro-step][layer] -> rows' ranks."""
-    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=SEED, rank_per=rank_per))
+    s = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=SEED, rank_per=rank_per, r_max_prob=0.0))
     out = []
     for t in range(steps):
         for k in range(accum):
@@ -184,12 +184,13 @@ def test_rank_per_is_checked(tiny_model_dir, tmp_path, capsys):
 
 def test_max_rows_run_the_first_rows_at_r_max_in_every_micro_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
     rec = RankRecorder(monkeypatch)
-    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per="example", update="nested", max_rows=1)
+    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per="example", update="nested", max_rows=1,
+                      r_max_prob=0.0)
     t = TrainConfig(max_steps=3, batch_size=3, grad_accum=2, max_seq_len=64, save_steps=10, seed=SEED,
                     learning_rate=1e-3, optim="adamw_torch", gradient_checkpointing=False, warmup_steps=0)
     res = train(str(tiny_model_dir), str(data_file), str(tmp_path / "run"), q, t)
     seen = rec.by_micro_step(len(dylora_layers(res["model"])))
-    plain = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=SEED, rank_per="example"))
+    plain = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=SEED, rank_per="example", r_max_prob=0.0))
     # row 0 at r_max = 8, rows 1 and 2 the same draws as without max_rows
     assert [micro[0] for micro in seen] == [[8] + plain.rows(s, k, 3)[1:] for s in range(3) for k in range(2)]
     assert all(len({tuple(r) for r in micro}) == 1 for micro in seen)  # the same in every module
@@ -238,3 +239,15 @@ def test_r_max_prob_is_checked(tiny_model_dir, tmp_path, capsys):
     err = error_line(capsys.readouterr().err)
     assert "--r-max-prob" in err and "[0, 1]" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_r_max_prob_default_is_the_measured_winner_and_old_runs_keep_their_draws():
+    # the defaults (example, nested): every row at r_max; a chosen rank rule draws as it says
+    assert {r: p for r, p in RankSampler(QDyLoRAConfig(r_max=8)).probabilities().items() if p} == {8: 1.0}
+    assert QDyLoRAConfig(update="even").r_max_prob == 1.0
+    for other in ({"update": "frozen"}, {"rank_per": "step"}, {"rank_per": "module"}, {"rank_per": "example+module"},
+                  {"update": "matryoshka", "rank_per": "step"}):
+        assert QDyLoRAConfig(r_max=8, **other).r_max_prob == 0.0, other
+    # a run saved before r_max_prob existed drew every rank
+    old = QDyLoRAConfig.from_dict({"r_max": 8, "rank_per": "example", "update": "nested", "max_rows": 1})
+    assert old.r_max_prob == 0.0 and RankSampler(old).probabilities()[3] == pytest.approx(1 / 8)

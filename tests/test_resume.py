@@ -16,7 +16,8 @@ from helpers import error_line
 from qdylora.cli import main
 
 BASE = ["--max-steps", "6", "--r-min", "2", "--r-max", "8", "--alpha", "8", "--lr", "5e-3", "--batch-size", "2",
-        "--save-steps", "2", "--max-seq-len", "64", "--optim", "adamw_torch", "--seed", "3", "--sweep-ranks", ""]
+        "--save-steps", "2", "--max-seq-len", "64", "--optim", "adamw_torch", "--seed", "3", "--sweep-ranks", "",
+        "--r-max-prob", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,16 @@ class QDyLoRAConfig:
     # top components train every step (slimmable networks' "sandwich" rule, its largest-width half);
     # None: 1 with per-row ranks, else 0
     max_rows: int | None = None
-    # every draw (per step, row or module) is r_max with this probability, else from rank_sampler: what share
-    # of the training runs at r_max (a drawn row at probability p, plus the max_rows rows)
-    r_max_prob: float = 0.0
+    # every draw (per step, row or module) is r_max with this probability, else from rank_sampler. None: 1 with
+    # rank_per 'example' and update nested / even (the defaults: every row at r_max won at every rank in
+    # benchmarks/rank_sampling.py and the demo), else 0 (the rank draws as chosen)
+    r_max_prob: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_rows is None:
             self.max_rows = 1 if self.rank_per in ("example", "example+module") else 0
+        if self.r_max_prob is None:
+            self.r_max_prob = 1.0 if self.rank_per == "example" and self.update in ("nested", "even") else 0.0
         self.validate()
 
     def validate(self) -> None:
@@ -135,8 +138,8 @@ class QDyLoRAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if strict and set(d) - names:
             raise ConfigError(f"unknown adapter setting(s) {', '.join(sorted(set(d) - names))}")
-        # settings saved before max_rows existed ran without rows at r_max
-        return cls(**{"max_rows": 0, **{k: v for k, v in d.items() if k in names}})
+        # settings saved before max_rows / r_max_prob existed ran without rows at r_max
+        return cls(**{"max_rows": 0, "r_max_prob": 0.0, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

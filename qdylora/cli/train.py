@@ -29,7 +29,8 @@ SETTINGS = [
      "with --rank-per example or example+module: the first N rows of every micro-batch run at r_max, so the top "
      "components train every step (default: 1 with per-row ranks, else 0)"),
     ("--r-max-prob", "qdylora", "r_max_prob", float,
-     "probability that a rank draw (a row, module or step) is r_max instead of one from --rank-sampler"),
+     "probability that a rank draw (a row, module or step) is r_max instead of one from --rank-sampler (default: "
+     "1 with --rank-per example and --update nested or even, the measured best; else 0)"),
     ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,
