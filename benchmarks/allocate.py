@@ -245,7 +245,9 @@ def main(argv=None) -> int:
     main_key = f"module_s{args.seed}"
     arms = ([("qdylora", "module", args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
             + [("qdylora", "step", args.seed, list(SCORES)), ("qdylora", "module", args.noise_seed, list(SCORES[1:]))]
-            + [("lora", r) for r in sorted(lora_ranks) if r > 8])
+            + [("lora", r) for r in sorted(lora_ranks) if r > 8]
+            # the default rule (rank_per example, nested: every row at r_max), without the costly loss score
+            + [("qdylora", "example", args.seed, list(SCORES[1:]))])
     for arm_spec in arms:
         if arm_spec[0] == "lora":
             r = arm_spec[1]

@@ -94,7 +94,22 @@ def markdown(res: dict) -> str:
         lines.append(f"| {R} | {best} | {gain:+.4f} | {e.get('noise_uniform', float('nan')):.4f} | "
                      f"{e.get('noise_delta', {}).get(best, float('nan')):.4f} | "
                      + ("" if vs_lora is None else f"{vs_lora:+.4f}") + " |")
-    lines += ["", "Best score per budget: " + ", ".join(f"{s} {n}x" for s, n in summ["wins"].items()) + ".", "",
+    lines += ["", "Best score per budget: " + ", ".join(f"{s} {n}x" for s, n in summ["wins"].items()) + ".", ""]
+    lines += ["## Every run: its best pattern against its uniform rank and the LoRA trained at R", "",
+              "| run | " + " | ".join(f"R={R}" for R in summ["per_budget"]) + " |",
+              "|---|" + "---|" * len(summ["per_budget"])]
+    for key, run in res["runs"].items():
+        cells = []
+        for R in summ["per_budget"]:
+            row, lo = run["heldout"].get(R), res["lora"].get(R, {}).get("heldout")
+            if not row:
+                cells.append("")
+                continue
+            s = min((k for k in row if k != "uniform"), key=row.get)
+            cells.append(f"{s} {row[s]:.4f}: {row[s] - row['uniform']:+.4f} vs uniform"
+                         + ("" if lo is None else f", {row[s] - lo:+.4f} vs LoRA"))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["",
               "## Seconds per allocation (scores + greedy; main run)", "",
               "| score | mean s | % of the training run |", "|---|---|---|"]
     for s, t in summ["seconds_per_allocation"].items():

@@ -36,35 +36,41 @@ from alpaca_arms import (RESULTS, add_arm_args, attach_lora, attach_qdylora, fre
 from rank_sampling_report import LORA, save
 
 # the arm of the defaults (QDyLoRAConfig, TrainConfig): the one the noise runs repeat
-DEFAULT_ARM = "example/nested max-row"
+DEFAULT_ARM = "example/nested all-max"
 # name -> (QDyLoRAConfig overrides, TrainConfig overrides)
 ARMS: dict[str, tuple[dict, dict]] = {
     "step/nested": ({"update": "nested", "rank_per": "step"}, {}),
     "step/frozen": ({"update": "frozen", "rank_per": "step"}, {}),
-    # max_rows 0: every row drawn (the default, 1, is the max-row arm)
-    "example/nested": ({"update": "nested", "rank_per": "example", "max_rows": 0}, {}),
-    "example/frozen": ({"update": "frozen", "rank_per": "example", "max_rows": 0}, {}),
+    # r_max_prob 0: ranks drawn (the default, 1, is the all-max arm); max_rows 0: every row drawn
+    "example/nested": ({"update": "nested", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 0}, {}),
+    "example/frozen": ({"update": "frozen", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 0}, {}),
     "module/nested": ({"update": "nested", "rank_per": "module"}, {}),
     "matryoshka": ({"update": "matryoshka", "rank_per": "step"}, {}),
-    "example/nested lr^0.5": ({"update": "nested", "rank_per": "example", "max_rows": 0}, {"component_lr_power": 0.5}),
-    "example/nested max-row": ({"update": "nested", "rank_per": "example", "max_rows": 1}, {}),
-    "example/nested max-row loguniform": ({"update": "nested", "rank_per": "example", "max_rows": 1,
+    "example/nested lr^0.5": ({"update": "nested", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 0}, {"component_lr_power": 0.5}),
+    # the default before r_max_prob: the first row of every micro-step at r_max, the others drawn
+    "example/nested max-row": ({"update": "nested", "rank_per": "example", "max_rows": 1, "r_max_prob": 0.0}, {}),
+    "example/nested max-row loguniform": ({"update": "nested", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 1,
                                            "rank_sampler": "loguniform"}, {}),
-    "example/nested max-row scale-lr": ({"update": "nested", "rank_per": "example", "max_rows": 1},
+    "example/nested max-row scale-lr": ({"update": "nested", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 1},
                                         {"scale_lr": True}),
     # gradient clipping: the default 0.3 against none and a tighter one
-    "example/nested max-row clip 0": ({"update": "nested", "rank_per": "example", "max_rows": 1},
+    "example/nested max-row clip 0": ({"update": "nested", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 1},
                                       {"max_grad_norm": 0.0}),
-    "example/nested max-row clip 0.1": ({"update": "nested", "rank_per": "example", "max_rows": 1},
+    "example/nested max-row clip 0.1": ({"update": "nested", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 1},
                                         {"max_grad_norm": 0.1}),
     "step/nested clip 0.1": ({"update": "nested", "rank_per": "step"}, {"max_grad_norm": 0.1}),
     # every row's A/B gradient at alpha / r_max: the rows of a batch weigh alike on shared components
-    "example/even max-row": ({"update": "even", "rank_per": "example", "max_rows": 1}, {}),
-    "example/even": ({"update": "even", "rank_per": "example", "max_rows": 0}, {}),
+    "example/even max-row": ({"update": "even", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 1}, {}),
+    "example/even": ({"update": "even", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 0}, {}),
+    # frozen with component 64 trained every step (row 0 at r_max) and every other component's learning rate
+    # times p_max / p_k = 1 / p_k (about 32 at batch 2): the rarely trained components move as far as a nested one
+    "example/frozen max-row lr^1": ({"update": "frozen", "rank_per": "example", "r_max_prob": 0.0, "max_rows": 1},
+                                    {"component_lr_power": 1.0}),
     # a drawn row is r_max with probability 0.5: with max_rows 1 and batch 2, 3/4 of the rows run at r_max
     "example/even max-row p0.5": ({"update": "even", "rank_per": "example", "max_rows": 1, "r_max_prob": 0.5}, {}),
-    # every row at r_max: LoRA-r_max trained through QDyLoRA's layers and optimizer (the pipeline's own check)
-    "example/nested all-max": ({"update": "nested", "rank_per": "example", "max_rows": 2}, {}),
+    # every row at r_max (the defaults: r_max_prob 1): LoRA-r_max trained through QDyLoRA's layers and
+    # optimizer; its runs in the results ran as max_rows 2, the same draws at batch 2
+    "example/nested all-max": ({"update": "nested", "rank_per": "example", "r_max_prob": 1.0}, {}),
 }
 
 # the arms the issue asks for and the default; the others were tried at 160 steps (rank_sampling_explore.md)

@@ -108,7 +108,8 @@ def run_arm(args) -> dict:
         # r = 64 against LoRA r = 64: all 64 components train (nested); the drawn-rank arms are the real workload
         rank_per, update = args.sampled.split("/") if args.sampled else ("step", "nested")
         model = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=64, alpha=16, target_modules=TARGETS,
-                                                    update=update, rank_per=rank_per, seed=0))
+                                                    update=update, rank_per=rank_per, seed=0,
+                                                    r_max_prob=0.0 if args.sampled else None))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
@@ -126,7 +127,7 @@ def run_arm(args) -> dict:
         # multi-tensor AdamW on CPU (the r = 64 qdylora arm uses the same, so the two differ in the op only)
         opt = (bnb.optim.PagedAdamW32bit(params, lr=1e-4) if device == "cuda"
                else torch.optim.AdamW(params, lr=1e-4, foreach=True))
-    sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, seed=0))
+    sampler = RankSampler(QDyLoRAConfig(r_min=1, r_max=64, seed=0, r_max_prob=0.0))
     warm = list(WARMUP_RANKS) if args.sampled and args.warmup > 0 else [64] * args.warmup
     ranks = warm + [sampler.sample(i) if args.sampled else 64 for i in range(args.steps)]
     batches = _batches(tok, args, model.get_input_embeddings().num_embeddings, device, len(ranks))
