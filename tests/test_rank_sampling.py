@@ -182,14 +182,19 @@ def test_rank_per_is_checked(tiny_model_dir, tmp_path, capsys):
         QDyLoRAConfig(rank_per="token")
 
 
-def test_max_rows_run_the_first_rows_at_r_max_in_every_micro_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
+def _seen(model_dir, data, out, monkeypatch, steps: int, **q) -> list[list[list[int]]]:
+    """Train `steps` steps of 2 micro-batches of 3 rows with r_max 8 and QDyLoRAConfig fields `q`; the ranks the
+    forwards ran at, [micro-step][layer] -> rows."""
     rec = RankRecorder(monkeypatch)
-    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per="example", update="nested", max_rows=1,
-                      r_max_prob=0.0)
-    t = TrainConfig(max_steps=3, batch_size=3, grad_accum=2, max_seq_len=64, save_steps=10, seed=SEED,
+    t = TrainConfig(max_steps=steps, batch_size=3, grad_accum=2, max_seq_len=64, save_steps=10, seed=SEED,
                     learning_rate=1e-3, optim="adamw_torch", gradient_checkpointing=False, warmup_steps=0)
-    res = train(str(tiny_model_dir), str(data_file), str(tmp_path / "run"), q, t)
-    seen = rec.by_micro_step(len(dylora_layers(res["model"])))
+    res = train(str(model_dir), str(data), str(out), QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, **q), t)
+    return rec.by_micro_step(len(dylora_layers(res["model"])))
+
+
+def test_max_rows_run_the_first_rows_at_r_max_in_every_micro_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    seen = _seen(tiny_model_dir, data_file, tmp_path / "run", monkeypatch, 3, rank_per="example", update="nested",
+                 max_rows=1, r_max_prob=0.0)
     plain = RankSampler(QDyLoRAConfig(r_min=1, r_max=8, seed=SEED, rank_per="example", r_max_prob=0.0))
     # row 0 at r_max = 8, rows 1 and 2 the same draws as without max_rows
     assert [micro[0] for micro in seen] == [[8] + plain.rows(s, k, 3)[1:] for s in range(3) for k in range(2)]
@@ -224,13 +229,8 @@ def test_r_max_prob_mixes_r_max_into_every_draw():
 
 
 def test_r_max_prob_one_trains_every_row_at_r_max(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    rec = RankRecorder(monkeypatch)
-    q = QDyLoRAConfig(r_min=1, r_max=8, alpha=8, seed=SEED, rank_per="example", update="even", max_rows=0,
-                      r_max_prob=1.0)
-    t = TrainConfig(max_steps=2, batch_size=3, grad_accum=2, max_seq_len=64, save_steps=10, seed=SEED,
-                    learning_rate=1e-3, optim="adamw_torch", gradient_checkpointing=False, warmup_steps=0)
-    res = train(str(tiny_model_dir), str(data_file), str(tmp_path / "run"), q, t)
-    seen = rec.by_micro_step(len(dylora_layers(res["model"])))
+    seen = _seen(tiny_model_dir, data_file, tmp_path / "run", monkeypatch, 2, rank_per="example", update="even",
+                 max_rows=0, r_max_prob=1.0)
     assert len(seen) == 4 and all(ranks == [8, 8, 8] for micro in seen for ranks in micro)
 
 
