@@ -192,6 +192,7 @@ def timing_lines(res: dict) -> list[str]:
     cpu = res.get("cpu_s_total")
     out += ["", f"Total wall time {total / 60:.1f} min" + (f"; this process's CPU time {cpu / 60:.1f} min (with "
             f"{res['config']['threads']} thread(s), about what the run would take alone)" if cpu else "") + ".", ""]
+    out += [f"Added later: {note}" for note in res.get("later_runs", [])] + ([""] if res.get("later_runs") else [])
     return out
 
 

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# the CLI's defaults: nested updates, one rank per example, the first row of every batch at r_max
-# (benchmarks/results/rank_sampling.md); --update frozen --rank-per step is the DyLoRA paper's rule
+# the CLI's defaults: every row trains at r_max, and any rank is the truncation (benchmarks/results/rank_sampling.md);
+# --r-max-prob 0 draws DyLoRA ranks per row, --update frozen --rank-per step is the DyLoRA paper's rule
 exec .venv/bin/qdylora train --output "${1:-runs/demo}" --overwrite --max-steps 60 --lr 1e-3 "${@:2}"
