@@ -184,3 +184,26 @@ def test_export_never_writes_into_its_own_run(run6, capsys, where):
     assert main(["export", str(run6), "--rank", "4", "--output", str(target), "--overwrite"]) == 2
     assert "overlaps" in capsys.readouterr().err
     assert _snapshot(run6) == before
+
+
+def test_a_new_cli_run_takes_the_config_defaults_and_an_old_run_resumes_with_its_draws(tiny_model_dir, data_file,
+                                                                                      tmp_path):
+    # no rank flags: the dataclass defaults (every row at r_max, first row at r_max), not the legacy fill of old saves
+    out = tmp_path / "new"
+    args = ["--max-steps", "2", "--r-max", "8", "--batch-size", "2", "--save-steps", "1", "--max-seq-len", "64",
+            "--optim", "adamw_torch", "--sweep-ranks", ""]
+    assert _train(tiny_model_dir, data_file, out, *args) == 0
+    q = json.loads((out / "run_config.json").read_text())["qdylora"]
+    assert (q["rank_per"], q["update"], q["max_rows"], q["r_max_prob"]) == ("example", "nested", 1, 1.0)
+    log = lambda: [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["ranks"] for r in log()] == [[8], [8]]
+    # a run saved before max_rows / r_max_prob existed: resumed, it keeps drawing every row's rank
+    cfg = json.loads((out / "run_config.json").read_text())
+    del cfg["qdylora"]["max_rows"], cfg["qdylora"]["r_max_prob"]
+    cfg["train"]["max_steps"] = 2
+    (out / "run_config.json").write_text(json.dumps(cfg))
+    shutil.rmtree(out / "checkpoint-2")
+    assert _train(tiny_model_dir, data_file, out, "--resume", "--max-steps", "6") == 0
+    assert [r["step"] for r in log()] == [1, 2, 3, 4, 5, 6]  # resumed from checkpoint-1
+    later = log()[1:]
+    assert len(later) == 5 and len({r for row in later for r in row["ranks"]}) > 1

@@ -133,13 +133,15 @@ class QDyLoRAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> "QDyLoRAConfig":
-        """The config from a dict; unknown keys are ignored, or refused with strict=True."""
+    def from_dict(cls, d: dict[str, Any], strict: bool = False, saved: bool = True) -> "QDyLoRAConfig":
+        """The config from a dict; unknown keys are ignored, or refused with strict=True. saved=True: d was
+        written by a run or adapter (fields it lacks take what that version did), False: new settings."""
         names = {f.name for f in dataclasses.fields(cls)}
         if strict and set(d) - names:
             raise ConfigError(f"unknown adapter setting(s) {', '.join(sorted(set(d) - names))}")
         # settings saved before max_rows / r_max_prob existed ran without rows at r_max
-        return cls(**{"max_rows": 0, "r_max_prob": 0.0, **{k: v for k, v in d.items() if k in names}})
+        legacy = {"max_rows": 0, "r_max_prob": 0.0} if saved else {}
+        return cls(**{**legacy, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -39,9 +39,10 @@ SETTING_FLAGS = {"model": "--model", "data": "--data", "r_min": "--r-min", "r_ma
                  "max_grad_norm": "--max-grad-norm", "optim": "--optim", "seed": "--seed", "max_steps": "--max-steps"}
 
 
-def _configs(settings: dict[str, Any]) -> tuple[QDyLoRAConfig, TrainConfig]:
-    """(adapter config, train config) from settings {'qdylora': {...}, 'train': {...}}."""
-    return QDyLoRAConfig.from_dict(settings["qdylora"], strict=True), TrainConfig(**settings["train"])
+def _configs(settings: dict[str, Any], saved: bool) -> tuple[QDyLoRAConfig, TrainConfig]:
+    """(adapter config, train config) from settings {'qdylora': {...}, 'train': {...}}; saved: a run's own."""
+    return (QDyLoRAConfig.from_dict(settings["qdylora"], strict=True, saved=saved),
+            TrainConfig(**settings["train"]))
 
 
 def _resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any]:
@@ -155,14 +156,14 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
     if resume:
         settings, ckpt, finished = _prepare_resume(out, given)
         if finished:
-            qcfg, _ = _configs(settings)
+            qcfg, _ = _configs(settings, saved=True)
             return {"finished": True, "message": finished, "interrupted": False, "qdylora_config": qcfg,
                     "adapter": str(out / ADAPTER_SUBDIR)}
     else:
         _refuse_existing(out, overwrite)
         settings, ckpt = given, None
     model_name, data = settings.get("model"), settings.get("data")
-    qcfg, tcfg = _configs({"qdylora": settings.get("qdylora", {}), "train": settings.get("train", {})})
+    qcfg, tcfg = _configs({"qdylora": settings.get("qdylora", {}), "train": settings.get("train", {})}, saved=resume)
     # every input is read and checked before anything in the folder changes
     storage = _quant_storage(tcfg, device)
     records = load_records(data) if data else default_splits()[0]
