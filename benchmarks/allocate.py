@@ -1,11 +1,13 @@
 """Per-module rank allocation from one QDyLoRA run against the uniform rank of the same budget and against LoRA.
 
-On SmolLM2-135M-Instruct in NF4 and the shared Alpaca 5k: QDyLoRA runs (nested update) with ranks drawn
-per module ('module', the main run; and a second seed of it for run-to-run noise) and per step ('step'),
-and peft LoRA runs at each uniform budget rank (benchmarks/dylora_vs_lora.py's helpers), all with the
-same data, steps and learning rate. For every budget of average rank R (R * sum(in + out) values) each
-score's pattern (qdylora.allocate: scores, then the greedy) is compared on held-out loss with the
-uniform rank R of the same run and with the LoRA trained at rank R; each allocation is timed.
+On SmolLM2-135M-Instruct in NF4 and the shared Alpaca 5k: QDyLoRA runs (nested update) with the default
+rule (`--main example`: every row at r_max, the main run; and a second seed of it for run-to-run noise),
+with ranks drawn per module and per step (`--compare module,step`), and peft LoRA runs at each uniform
+budget rank (benchmarks/dylora_vs_lora.py's helpers), all with the same data, steps and learning rate.
+For every budget of average rank R (R * sum(in + out) values) each score's pattern (qdylora.allocate:
+scores, then the greedy) is compared on held-out loss with the uniform rank R of the same run and with the
+LoRA trained at rank R; each allocation is timed. Every run is also evaluated at the uniform ranks up to
+r_max: no pattern of budget R is expected to beat the best of them much, which bounds what allocation can gain.
 
 Writes benchmarks/results/allocate.{json,md,png}.
 
@@ -38,6 +40,8 @@ SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 from allocate_report import SCORES, STEM, markdown, save, summarise  # noqa: E402
 
+GRADIENT_SCORES = ("taylor", "gradnorm")  # computed from one shared pass of reference_gradients
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r-max", type=int, default=64)
     p.add_argument("--update", default="nested", help="QDyLoRA update rule of every run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise-seed", type=int, default=1, help="second seed of the 'module' run (run-to-run noise)")
+    p.add_argument("--main", default="example", help="rank_per of the main run (example: the default rule)")
+    p.add_argument("--noise-seed", type=int, default=1, help="second seed of the main run (run-to-run noise)")
+    p.add_argument("--compare", default="module,step", help="rank_per of the other runs (one seed each)")
     p.add_argument("--heldout", type=int, default=24, help="held-out Alpaca examples (split off before training)")
     p.add_argument("--calib", type=int, default=8, help="calibration examples (the first of the training split)")
     p.add_argument("--loss-calib", type=int, default=2, help="calibration examples of the (costly) loss score")
@@ -63,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(2R), quad (4R), all (0 and the powers of two); 0 is always measured")
     p.add_argument("--lora-ranks", default=None, help="LoRA runs (default: the budgets)")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench", help="training runs (deleted at the end)")
+    p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench",
+                   help="training runs (deleted at the end unless --keep-runs)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="keep the runs trained here in --work-dir, named as --adapters finds them again")
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     p.add_argument("--adapters", default=None, metavar="DIR",
@@ -115,13 +124,17 @@ def attach_qdylora(base, args, rank_per: str, seed: int):
 
 
 def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
-    """(adapter folder, training record) of a run rank_sampling.py trained with these settings, if --adapters has it."""
+    """(adapter folder, training record) of a run trained with these settings, if --adapters has it: by this script
+    with --keep-runs (its record beside it) or by rank_sampling.py (its record in --adapters-results)."""
     if not args.adapters:
         return None
-    folder = Path(args.adapters) / f"{name}_{steps}_{seed}"
-    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    run = Path(args.adapters) / f"{name}_{steps}_{seed}"
+    folder = run / "adapter" if (run / "adapter").is_dir() else run
     if not any((folder / f).is_file() for f in ("adapter_config.json", "qdylora_config.json")):
         return None
+    record = run.with_name(run.name + ".json")
+    if record.is_file():
+        return folder, {**json.loads(record.read_text()), "trained_by": f"benchmarks/allocate.py ({run.name})"}
     arm = {"lora r=" + name[4:] if name.startswith("lora") else name.replace("-", "/"): None}
     rec = {}
     if Path(args.adapters_results).is_file():
@@ -143,7 +156,8 @@ def pattern_view(ranks: dict, costs: dict) -> dict:
 
 
 def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: list[str], loss_budgets: list[int]) -> dict:
-    """Patterns of every score at every budget, each timed (taylor and gradnorm share one gradient pass)."""
+    """Patterns of every score at every budget, each timed (taylor and gradnorm share one gradient pass, counted in
+    each one's seconds)."""
     from qdylora.adapters.attach import module_layers
     from qdylora.allocate.greedy import greedy_allocate
     from qdylora.allocate.pattern import pattern_params
@@ -157,7 +171,7 @@ def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: lis
         budget = R * total
         res = {}
         grads, grad_s = None, 0.0
-        if "taylor" in scores or "gradnorm" in scores:
+        if set(scores) & set(GRADIENT_SCORES):
             t0 = time.perf_counter()
             grads = reference_gradients(model, calib, R)
             grad_s = time.perf_counter() - t0
@@ -175,10 +189,11 @@ def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: lis
             else:
                 table = compute_scores(score, model, calib, R, progress=False)
             ranks = greedy_allocate(table, budget)
-            seconds = time.perf_counter() - t0 + (grad_s if score in ("taylor", "gradnorm") else 0.0)
+            shared = score in GRADIENT_SCORES
+            seconds = time.perf_counter() - t0 + (grad_s if shared else 0.0)
             res[score] = {"ranks": ranks, "params": pattern_params(ranks, costs), "budget": budget,
-                          "seconds": round(seconds, 2), "shared_gradient_seconds": round(grad_s, 2)
-                          if score in ("taylor", "gradnorm") else None, **pattern_view(ranks, costs)}
+                          "seconds": round(seconds, 2), "shared_gradient_seconds": round(grad_s, 2) if shared else None,
+                          **pattern_view(ranks, costs)}
             if score == "loss":
                 res[score].update(grid=table.info["grid"], truncations=table.info["truncations"],
                                   passes=table.info["passes"])
@@ -191,6 +206,20 @@ def heldout_losses(model, held, configs: list[list[int]]) -> list[float]:
     from qdylora.allocate.calib import config_losses
 
     return config_losses(model, held, torch.tensor(configs, dtype=torch.long).reshape(len(configs), -1)).tolist()
+
+
+def uniform_ranks(r_max: int) -> list[int]:
+    """1, the powers of two and r_max: the uniform ranks every run is evaluated at."""
+    return sorted({2 ** i for i in range(20) if 2 ** i <= r_max} | {r_max})
+
+
+def evaluate_uniform(model, held, r_max: int) -> dict:
+    """Held-out loss of the run at every uniform rank of uniform_ranks (one batched call)."""
+    from qdylora.adapters.attach import module_layers
+
+    n = len(module_layers(model))
+    ranks = uniform_ranks(r_max)
+    return {str(r): round(v, 5) for r, v in zip(ranks, heldout_losses(model, held, [[r] * n for r in ranks]))}
 
 
 def evaluate_run(model, held, allocs: dict) -> dict:
@@ -242,12 +271,12 @@ def main(argv=None) -> int:
         if "base_loss" in old:
             results["base_loss"] = old["base_loss"]
     # the main comparison first (main run, LoRA at the budgets up to 8), so a partial result already answers it
-    main_key = f"module_s{args.seed}"
-    arms = ([("qdylora", "module", args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
-            + [("qdylora", "step", args.seed, list(SCORES)), ("qdylora", "module", args.noise_seed, list(SCORES[1:]))]
-            + [("lora", r) for r in sorted(lora_ranks) if r > 8]
-            # the default rule (rank_per example, nested: every row at r_max), without the costly loss score
-            + [("qdylora", "example", args.seed, list(SCORES[1:]))])
+    main_key = f"{args.main}_s{args.seed}"
+    others = [s for s in SCORES if s != "loss"]  # the costly loss score on the main run only
+    arms = ([("qdylora", args.main, args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
+            + [("qdylora", args.main, args.noise_seed, others)]
+            + [("qdylora", rank_per, args.seed, others) for rank_per in args.compare.split(",") if rank_per]
+            + [("lora", r) for r in sorted(lora_ranks) if r > 8])
     for arm_spec in arms:
         if arm_spec[0] == "lora":
             r = arm_spec[1]
@@ -261,7 +290,10 @@ def main(argv=None) -> int:
                 model, arm = PeftModel.from_pretrained(copy.deepcopy(base), str(found[0])), found[1]
             else:
                 model = attach_lora(copy.deepcopy(base), args, r)
-                arm = train_arm(f"lora_r{r}", model, tok, dataset, args)
+                arm = train_arm(f"lora{r}_{args.steps}_{args.seed}", model, tok, dataset, args)
+                arm.pop("ranks_sampled", None)
+                if args.keep_runs:
+                    (Path(args.work_dir) / f"lora{r}_{args.steps}_{args.seed}.json").write_text(json.dumps(arm))
             model.eval()
             arm.pop("ranks_sampled", None)
             results["lora"][str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
@@ -281,7 +313,11 @@ def main(argv=None) -> int:
                 load_adapter(model, found[0])
                 arm = found[1]
             else:
-                arm = train_arm(key, model, tok, dataset, run_args)
+                name = f"{rank_per}-{args.update}_{args.steps}_{seed}"  # where --adapters finds it again
+                arm = train_arm(name, model, tok, dataset, run_args)
+                arm.pop("ranks_sampled", None)
+                if args.keep_runs:
+                    (Path(args.work_dir) / f"{name}.json").write_text(json.dumps(arm))
             model.eval()
             if "base_loss" not in results:  # rank 0 everywhere: the base model alone
                 results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
@@ -289,7 +325,8 @@ def main(argv=None) -> int:
                                   loss_budgets if key == main_key else [])
             arm.pop("ranks_sampled", None)
             results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
-                                    "heldout": evaluate_run(model, held, allocs)}
+                                    "heldout": evaluate_run(model, held, allocs),
+                                    "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
         results["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
         results["summary"] = summarise(results)
         save(results, out_dir)
@@ -298,7 +335,7 @@ def main(argv=None) -> int:
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     results["summary"] = summarise(results)
     save(results, out_dir)
-    if not args.smoke:
+    if not args.smoke and not args.keep_runs:
         shutil.rmtree(args.work_dir, ignore_errors=True)
     print(markdown(results))
     return 0

@@ -12,11 +12,13 @@ SCORES = ("loss", "taylor", "norm", "gradnorm")
 def summarise(res: dict) -> dict:
     """Per budget: each score's gain over the uniform rank (main run), the noise, the LoRA gap; the winner."""
     main_key = next(iter(res["runs"]))
-    noise_key = next((k for k in res["runs"] if k.startswith("module") and k != main_key), None)
-    out = {"per_budget": {}, "wins": {}}
+    main_rule = res["runs"][main_key]["rank_per"]
+    noise_key = next((k for k, r in res["runs"].items() if r["rank_per"] == main_rule and k != main_key), None)
+    out = {"main": main_key, "noise_run": noise_key, "per_budget": {}, "wins": {}}
     for R, row in res["runs"][main_key]["heldout"].items():
         deltas = {s: round(v - row["uniform"], 5) for s, v in row.items() if s != "uniform"}
-        entry = {"uniform": row["uniform"], "delta_vs_uniform": deltas}
+        entry = {"uniform": row["uniform"], "delta_vs_uniform": deltas,
+                 "room": room(res["runs"][main_key], R)}
         if noise_key:
             other = res["runs"][noise_key]["heldout"][R]
             entry["noise_uniform"] = round(abs(other["uniform"] - row["uniform"]), 5)
@@ -48,6 +50,15 @@ def summarise(res: dict) -> dict:
     return out
 
 
+def room(run: dict, R: str) -> float | None:
+    """How much better than uniform rank R the run is at its best uniform rank >= R (held-out loss): a pattern of
+    budget R that beats uniform R by much more than this would beat adapters with more parameters."""
+    uni = run.get("uniform_heldout")
+    if not uni or R not in uni:
+        return None
+    return round(uni[R] - min(v for r, v in uni.items() if int(r) >= int(R)), 5)
+
+
 def save(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{STEM}.json").write_text(json.dumps(results, indent=2))
@@ -76,22 +87,25 @@ def markdown(res: dict) -> str:
         by = f", by {run['trained_by']}" if run.get("trained_by") else ""
         lines += [f"## Held-out loss, QDyLoRA rank_per={run['rank_per']} seed {run['seed']} (trained in "
                   f"{trained}{by})", "",
-                  "| avg rank R | uniform R | " + " | ".join(f"{s} pattern" for s in scores) + " | LoRA trained at R |",
-                  "|---|---|" + "---|" * len(scores) + "---|"]
+                  "| avg rank R | uniform R | room | " + " | ".join(f"{s} pattern" for s in scores)
+                  + " | LoRA trained at R |", "|---|---|---|" + "---|" * len(scores) + "---|"]
         for R, row in run["heldout"].items():
             lo = res["lora"].get(R, {}).get("heldout")
-            cells = [_cell(row["uniform"])] + [
+            cells = [_cell(row["uniform"]), _cell(room(run, R))] + [
                 (f"{row[s]:.4f} ({row[s] - row['uniform']:+.4f})" if s in row else "") for s in scores]
             lines.append(f"| {R} | " + " | ".join(cells) + f" | {_cell(lo)} |")
+        if run.get("uniform_heldout"):
+            lines += ["", "Uniform ranks: " + ", ".join(f"{r}: {v:.4f}" for r, v in run["uniform_heldout"].items())
+                      + ". Room: uniform R minus the best uniform rank >= R."]
         lines.append("")
-    lines += ["## Summary (main run: the first above)", "",
-              "| R | best score | its gain vs uniform | noise: uniform across seeds | noise: gain across seeds | "
-              "best pattern vs LoRA at R |", "|---|---|---|---|---|---|"]
+    lines += [f"## Summary (main run {summ.get('main')}, noise from {summ.get('noise_run')})", "",
+              "| R | best score | its gain vs uniform | room | noise: uniform across seeds | noise: gain across seeds | "
+              "best pattern vs LoRA at R |", "|---|---|---|---|---|---|---|"]
     for R, e in summ["per_budget"].items():
         best = e["best"]
         gain = e["delta_vs_uniform"].get(best)
         vs_lora = None if "lora" not in e or best is None else e["uniform"] + gain - e["lora"]
-        lines.append(f"| {R} | {best} | {gain:+.4f} | {e.get('noise_uniform', float('nan')):.4f} | "
+        lines.append(f"| {R} | {best} | {gain:+.4f} | {_cell(e.get('room'))} | {e.get('noise_uniform', float('nan')):.4f} | "
                      f"{e.get('noise_delta', {}).get(best, float('nan')):.4f} | "
                      + ("" if vs_lora is None else f"{vs_lora:+.4f}") + " |")
     lines += ["", "Best score per budget: " + ", ".join(f"{s} {n}x" for s, n in summ["wins"].items()) + ".", ""]
@@ -152,8 +166,8 @@ def plot(res: dict, path: Path) -> None:
         Rs = list(run["heldout"])
         total = next(iter(run["allocations"].values()))
         per_rank = next(iter(total.values()))["budget"] / int(Rs[0])
-        ax.plot([int(R) * per_rank for R in Rs], [run["heldout"][R]["uniform"] for R in Rs], "o-", color="k",
-                label="uniform rank R (same run)")
+        uni = run.get("uniform_heldout") or {R: run["heldout"][R]["uniform"] for R in Rs}
+        ax.plot([int(r) * per_rank for r in uni], list(uni.values()), "o-", color="k", label="uniform rank (same run)")
         for s, m in markers.items():
             pts = [(run["allocations"][R][s]["params"], run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
             if pts:

@@ -66,19 +66,21 @@ def norm_scores(model: nn.Module) -> ScoreTable:
 
 
 @contextlib.contextmanager
-def _adapters_differentiable(layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Adapter tensors require grad inside (so layer outputs carry gradients); grads and flags restored after."""
+def _activations_differentiable(model: nn.Module, layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside, every layer output carries a gradient while no parameter gets one: the adapters are frozen and the
+    input embeddings' output requires grad (the hooks compute the adapters' gradients for all r_max components,
+    so autograd computing those of the active ones too would be work done twice). Flags restored after."""
     params = [p for layer in layers for p, _ in layer.component_axes()]
-    saved = [(p.requires_grad, p.grad) for p in params]
+    flags = [p.requires_grad for p in params]
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
     try:
         for p in params:
-            p.requires_grad_(True)
-            p.grad = None
+            p.requires_grad_(False)
         yield
     finally:
-        for p, (flag, grad) in zip(params, saved):
+        handle.remove()
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-            p.grad = grad
 
 
 def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], reference: int,
@@ -109,7 +111,7 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         return hook
 
     total = sum(b.tokens for b in batches)
-    with ranks_restored(model), _adapters_differentiable(list(layers.values())), torch.enable_grad():
+    with ranks_restored(model), _activations_differentiable(model, list(layers.values())), torch.enable_grad():
         for layer in layers.values():
             layer.set_rank(reference)
         handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
