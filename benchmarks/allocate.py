@@ -236,6 +236,32 @@ def evaluate_run(model, held, allocs: dict) -> dict:
     return out
 
 
+def check_allocations(model, calib, allocs: dict, heldout: dict) -> None:
+    """What `qdylora allocate` does after the greedy, per budget and score: the pattern and the uniform rank on the
+    calibration data (timed), and the uniform rank kept where it does better there. Adds each allocation's "check"
+    and the held-out loss of what is kept, as "<score>+check", to `heldout` (no new held-out pass: it is one of the
+    two already measured)."""
+    from qdylora.adapters.attach import module_layers
+    from qdylora.allocate.calib import config_losses
+
+    names = list(module_layers(model))
+    for R, res in allocs.items():
+        for s, a in res.items():
+            t0 = time.perf_counter()
+            configs = torch.tensor([[a["ranks"][n] for n in names], [int(R)] * len(names)])
+            pattern, uniform = config_losses(model, calib, configs).tolist()
+            chosen = "uniform" if uniform <= pattern else "pattern"
+            a["check"] = {"calibration_loss": round(pattern, 5), "uniform_calibration_loss": round(uniform, 5),
+                          "chosen": chosen, "seconds": round(time.perf_counter() - t0, 2)}
+            heldout[R][f"{s}+check"] = heldout[R]["uniform" if chosen == "uniform" else s]
+        print(f"  checked R={R}: " + ", ".join(f"{s} {a['check']['chosen']}" for s, a in res.items()), flush=True)
+
+
+def checked(run: dict) -> bool:
+    """Whether every allocation of a stored run has its uniform check."""
+    return all("check" in a for res in run["allocations"].values() for a in res.values())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from qdylora.adapters.attach import module_layers
@@ -302,7 +328,8 @@ def main(argv=None) -> int:
             _, rank_per, seed, scores = arm_spec
             key = f"{rank_per}_s{seed}"
             found = reused(args, f"{rank_per}-{args.update}", args.steps, seed)
-            if key in results["runs"] or (args.adapters_only and not found):
+            done = results["runs"].get(key)  # from --resume; without the check, it is added (its adapter needed)
+            if (done and (checked(done) or not found)) or (args.adapters_only and not found):
                 continue
             print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
             run_args = argparse.Namespace(**{**vars(args), "seed": seed})
@@ -321,12 +348,16 @@ def main(argv=None) -> int:
             model.eval()
             if "base_loss" not in results:  # rank 0 everywhere: the base model alone
                 results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
-            allocs = allocate_all(model, calib, loss_calib, run_args, budgets, scores,
-                                  loss_budgets if key == main_key else [])
-            arm.pop("ranks_sampled", None)
-            results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
-                                    "heldout": evaluate_run(model, held, allocs),
-                                    "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
+            if done:
+                check_allocations(model, calib, done["allocations"], done["heldout"])
+            else:
+                allocs = allocate_all(model, calib, loss_calib, run_args, budgets, scores,
+                                      loss_budgets if key == main_key else [])
+                arm.pop("ranks_sampled", None)
+                heldout = evaluate_run(model, held, allocs)
+                check_allocations(model, calib, allocs, heldout)
+                results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
+                                        "heldout": heldout, "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
         results["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
         results["summary"] = summarise(results)
         save(results, out_dir)

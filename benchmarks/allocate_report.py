@@ -7,6 +7,8 @@ from pathlib import Path
 
 STEM = "allocate"
 SCORES = ("loss", "taylor", "norm", "gradnorm")
+# each score's pattern, or the uniform rank where it has the lower calibration loss (qdylora allocate's default)
+COLUMNS = SCORES + tuple(f"{s}+check" for s in SCORES)
 
 
 def summarise(res: dict) -> dict:
@@ -33,8 +35,8 @@ def summarise(res: dict) -> dict:
             out["wins"][best] = out["wins"].get(best, 0) + 1
     train_s = res["runs"][main_key]["train_seconds"]
     out["seconds_per_allocation"] = {}
-    for s in SCORES:
-        secs = [a[s]["seconds"] for a in res["runs"][main_key]["allocations"].values() if s in a]
+    for s in COLUMNS:
+        secs = [_seconds(a, s) for a in res["runs"][main_key]["allocations"].values() if _seconds(a, s) is not None]
         if secs:
             mean = sum(secs) / len(secs)
             out["seconds_per_allocation"][s] = {"mean": round(mean, 2), "percent_of_training":
@@ -42,12 +44,21 @@ def summarise(res: dict) -> dict:
     # every run against its own training time (a run trained in this process was timed under the same load)
     out["percent_of_training_per_run"] = {}
     for key, run in res["runs"].items():
-        for s in SCORES:
-            secs = [a[s]["seconds"] for a in run["allocations"].values() if s in a]
+        for s in COLUMNS:
+            secs = [_seconds(a, s) for a in run["allocations"].values() if _seconds(a, s) is not None]
             if secs and run.get("train_seconds"):
                 out["percent_of_training_per_run"].setdefault(s, {})[key] = round(
                     100 * sum(secs) / len(secs) / run["train_seconds"], 2)
     return out
+
+
+def _seconds(allocs: dict, column: str) -> float | None:
+    """Seconds of one allocation: scores + greedy, plus the calibration check for a '+check' column."""
+    score, _, check = column.partition("+")
+    a = allocs.get(score)
+    if a is None or (check and "check" not in a):
+        return None
+    return a["seconds"] + (a["check"]["seconds"] if check else 0.0)
 
 
 def room(run: dict, R: str) -> float | None:
@@ -82,7 +93,7 @@ def markdown(res: dict) -> str:
              f"{cfg['loss_grid']}, budgets {cfg['loss_budgets']} of the main run only). Base model without adapter: "
              f"held-out loss {res['base_loss']:.4f}.", ""]
     for key, run in res["runs"].items():
-        scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
+        scores = [s for s in COLUMNS if any(s in row for row in run["heldout"].values())]
         trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"
         by = f", by {run['trained_by']}" if run.get("trained_by") else ""
         lines += [f"## Held-out loss, QDyLoRA rank_per={run['rank_per']} seed {run['seed']} (trained in "
@@ -153,6 +164,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _params(run: dict, R: str, column: str, per_rank: float) -> float:
+    """Adapter parameters of what a column keeps: the pattern's, or the uniform rank's where its check chose that."""
+    score, _, check = column.partition("+")
+    a = run["allocations"][R][score]
+    return int(R) * per_rank if check and a["check"]["chosen"] == "uniform" else a["params"]
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -161,7 +179,7 @@ def plot(res: dict, path: Path) -> None:
 
     runs = list(res["runs"].items())[:2]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.4), squeeze=False)
-    markers = {"loss": "s", "taylor": "^", "norm": "D", "gradnorm": "v"}
+    markers = {"loss": "s", "taylor": "^", "norm": "D", "gradnorm": "v", "taylor+check": "x"}
     for ax, (key, run) in zip(axes[0], runs):
         Rs = list(run["heldout"])
         total = next(iter(run["allocations"].values()))
@@ -169,7 +187,7 @@ def plot(res: dict, path: Path) -> None:
         uni = run.get("uniform_heldout") or {R: run["heldout"][R]["uniform"] for R in Rs}
         ax.plot([int(r) * per_rank for r in uni], list(uni.values()), "o-", color="k", label="uniform rank (same run)")
         for s, m in markers.items():
-            pts = [(run["allocations"][R][s]["params"], run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
+            pts = [(_params(run, R, s, per_rank), run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
             if pts:
                 ax.plot(*zip(*pts), m, markersize=8, linestyle="none", label=f"{s} pattern")
         lo = [(int(R) * per_rank, res["lora"][R]["heldout"]) for R in Rs if R in res["lora"]]
