@@ -170,19 +170,19 @@ def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: lis
     for R in budgets:
         budget = R * total
         res = {}
-        grads, grad_s = None, 0.0
+        ref, grad_s = None, 0.0
         if set(scores) & set(GRADIENT_SCORES):
             t0 = time.perf_counter()
-            grads = reference_gradients(model, calib, R)
+            ref = reference_gradients(model, calib, R)
             grad_s = time.perf_counter() - t0
         for score in scores:
             if score == "loss" and R not in loss_budgets:
                 continue
             t0 = time.perf_counter()
             if score == "taylor":
-                table = taylor_scores(model, calib, R, grads=grads)
+                table = taylor_scores(model, calib, R, ref=ref)
             elif score == "gradnorm":
-                table = gradnorm_scores(model, calib, R, grads=grads)
+                table = gradnorm_scores(model, calib, R, ref=ref)
             elif score == "loss":
                 grid = loss_grid(args.loss_grid, R, 1, args.r_max)
                 table = compute_scores("loss", model, loss_calib, R, grid=grid)
@@ -237,22 +237,29 @@ def evaluate_run(model, held, allocs: dict) -> dict:
 
 
 def check_allocations(model, calib, allocs: dict, heldout: dict) -> None:
-    """What `qdylora allocate` does after the greedy, per budget and score: the pattern and the uniform rank on the
-    calibration data (timed), and the uniform rank kept where it does better there. Adds each allocation's "check"
-    and the held-out loss of what is kept, as "<score>+check", to `heldout` (no new held-out pass: it is one of the
-    two already measured)."""
+    """What `qdylora allocate` does after the greedy, per budget and score: the pattern's calibration loss against
+    the uniform rank's, and the uniform rank kept where it does as well. Adds each allocation's "check" and the
+    held-out loss of what is kept, as "<score>+check", to `heldout` (one of the two already measured).
+
+    The check's seconds are the pattern's pass; `qdylora allocate` takes the uniform rank's loss from the reference
+    pass the scores ran on the same batches, so only `norm` (no reference pass) pays for that one too."""
     from qdylora.adapters.attach import module_layers
     from qdylora.allocate.calib import config_losses
 
     names = list(module_layers(model))
+
+    def timed(ranks: list[int]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        loss = float(config_losses(model, calib, torch.tensor([ranks]))[0])
+        return loss, time.perf_counter() - t0
+
     for R, res in allocs.items():
+        uniform, uniform_s = timed([int(R)] * len(names))
         for s, a in res.items():
-            t0 = time.perf_counter()
-            configs = torch.tensor([[a["ranks"][n] for n in names], [int(R)] * len(names)])
-            pattern, uniform = config_losses(model, calib, configs).tolist()
+            pattern, seconds = timed([a["ranks"][n] for n in names])
             chosen = "uniform" if uniform <= pattern else "pattern"
             a["check"] = {"calibration_loss": round(pattern, 5), "uniform_calibration_loss": round(uniform, 5),
-                          "chosen": chosen, "seconds": round(time.perf_counter() - t0, 2)}
+                          "chosen": chosen, "seconds": round(seconds + (uniform_s if s == "norm" else 0.0), 2)}
             heldout[R][f"{s}+check"] = heldout[R]["uniform" if chosen == "uniform" else s]
         print(f"  checked R={R}: " + ", ".join(f"{s} {a['check']['chosen']}" for s, a in res.items()), flush=True)
 

@@ -172,16 +172,19 @@ def test_norm_score_is_the_component_share():
 
 @pytest.mark.parametrize("reference", [8, 3])
 def test_reference_gradients_match_autograd(reference):
-    """At reference R, components < R get the gradient plain autograd gives in nested mode (all of them at R = r_max)."""
+    """At reference R, components < R get the gradient plain autograd gives in nested mode (all of them at R = r_max),
+    and the pass's loss is the mean loss at R."""
     model, batches = _model(), _batches()
-    grads = reference_gradients(model, batches, reference)
+    ref = reference_gradients(model, batches, reference)
     check = _model()
     set_rank(check, reference)
     for p in check.parameters():
         p.grad = None
-    _mean_loss(check, batches).backward()
+    loss = _mean_loss(check, batches)
+    loss.backward()
+    assert ref.loss == pytest.approx(float(loss), abs=2e-6)
     for name, layer in module_layers(check).items():
-        gA, gB = grads[name]
+        gA, gB = ref.grads[name]
         torch.testing.assert_close(gA[:reference], layer.lora_dyA["default"].grad[:reference], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(gB[:, :reference], layer.lora_dyB["default"].grad[:, :reference], rtol=1e-4,
                                    atol=1e-6)
@@ -210,13 +213,12 @@ def test_taylor_and_gradnorm_from_autograd():
         A, B = layer.lora_dyA["default"], layer.lora_dyB["default"]
         want = ((A * A.grad).abs().sum(1) + (B * B.grad).abs().sum(0)).detach()
         torch.testing.assert_close(low.gains[i, :3].float(), want[:3], rtol=1e-4, atol=1e-8)
-    gA, gB = reference_gradients(model, batches, 3)[Q0]
+    gA, gB = reference_gradients(model, batches, 3).grads[Q0]
     A, B = module_layers(model)[Q0].factors()
     at3 = ((A * gA).abs().sum(1) + (B * gB).abs().sum(0))[3:]
     torch.testing.assert_close(low.gains[0, 3:].float(), at3 * 3 / torch.arange(4, 9), rtol=1e-5, atol=1e-9)
     # gradnorm at reference 4 switches modules on at rank 8: its norm covers all 8 components' gradients at 4
-    grads = reference_gradients(model, batches, 4)
-    gA, gB = grads[V1]
+    gA, gB = reference_gradients(model, batches, 4).grads[V1]
     i = gradnorm.names.index(V1)
     assert float(gradnorm.gains[i, 0]) * 8 == pytest.approx(float(torch.cat([gA.flatten(), gB.flatten()]).norm()),
                                                               rel=1e-5)
@@ -261,7 +263,8 @@ def test_loss_score_equals_separate_evaluations():
 
 # the uniform rank when it does better ------------------------------------------------------------------
 
-def test_allocation_falls_back_to_the_uniform_rank_when_it_has_the_lower_calibration_loss(monkeypatch):
+@pytest.mark.parametrize("score", ["norm", "taylor"])  # taylor: the uniform rank's loss from its reference pass
+def test_allocation_falls_back_to_the_uniform_rank_when_it_has_the_lower_calibration_loss(monkeypatch, score):
     """The written pattern is the scored one unless the uniform rank of the budget has a lower (or equal) calibration
     loss; both losses equal plain cross-entropy on the model set to each pattern."""
     from qdylora.allocate import run as run_mod
@@ -284,7 +287,7 @@ def test_allocation_falls_back_to_the_uniform_rank_when_it_has_the_lower_calibra
         with torch.no_grad():
             scored_loss = float(_mean_loss(check, batches))
         for keep in (False, True):
-            alloc = run_mod.allocate_model(model, batches, budget, "norm", progress=False, keep_pattern=keep)
+            alloc = run_mod.allocate_model(model, batches, budget, score, progress=False, keep_pattern=keep)
             assert alloc.pattern_loss == pytest.approx(scored_loss, abs=2e-6)
             assert alloc.uniform_loss == pytest.approx(uniform_loss, abs=2e-6)
             uniform_wins = uniform_loss <= scored_loss and not keep

@@ -79,13 +79,18 @@ def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int,
     ranks = greedy_allocate(table, budget)
     greedy_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    configs = [[ranks[n] for n in layers]] + ([[uniform] * len(layers)] if uniform is not None else [])
+    # the scores' reference pass ran at the uniform rank on these batches: its loss is the uniform rank's
+    known = table.info.get("reference_loss") if uniform is not None and reference == uniform else None
+    configs = [[ranks[n] for n in layers]] + ([[uniform] * len(layers)] if uniform is not None and known is None
+                                              else [])
     bar = tqdm(total=len(batches) * len(configs), desc="calibration loss", dynamic_ncols=True) if progress else None
     try:
         losses = config_losses(model, batches, torch.tensor(configs, dtype=torch.long), bar).tolist()
     finally:
         if bar is not None:
             bar.close()
+    if known is not None:
+        losses.append(known)
     seconds = {"scores": table.info["seconds"], "greedy": greedy_s, "evaluation": time.perf_counter() - t0}
     fall_back = uniform is not None and not keep_pattern and losses[1] <= losses[0]
     chosen = dict.fromkeys(ranks, uniform) if fall_back else ranks

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -83,10 +84,18 @@ def _activations_differentiable(model: nn.Module, layers: Sequence[nn.Module]) -
             p.requires_grad_(flag)
 
 
+@dataclass
+class ReferencePass:
+    """The mean calibration loss at the reference rank and its gradients for all r_max components of every module."""
+
+    grads: dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (gA [r_max, in], gB [out, r_max])}
+    loss: float
+
+
 def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], reference: int,
-                        bar=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (gA [r_max, in], gB [out, r_max])}: gradients of the mean calibration loss at rank `reference`
-    everywhere, for all r_max components (those >= reference as if switched on at scale alpha / reference)."""
+                        bar=None) -> ReferencePass:
+    """The mean calibration loss at rank `reference` everywhere and its gradients for all r_max components (those
+    >= reference as if switched on at scale alpha / reference), from one forward and backward pass per batch."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
     scale = cfg.alpha / reference
@@ -111,6 +120,7 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         return hook
 
     total = sum(b.tokens for b in batches)
+    mean_loss = 0.0
     with ranks_restored(model), _activations_differentiable(model, list(layers.values())), torch.enable_grad():
         for layer in layers.values():
             layer.set_rank(reference)
@@ -119,20 +129,21 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
             for batch in batches:
                 loss = response_sums(model, batch.ids, batch.mask, batch.labels)[:, 0].sum() / total
                 loss.backward()
+                mean_loss += float(loss.detach())
                 if bar is not None:
                     bar.update(1)
         finally:
             for h in handles:
                 h.remove()
-    return grads
+    return ReferencePass(grads, mean_loss)
 
 
 def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
-                  grads: dict | None = None) -> ScoreTable:
-    """g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| at the reference (`grads`: reference_gradients
+                  ref: ReferencePass | None = None) -> ScoreTable:
+    """g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| at the reference (`ref`: reference_gradients
     already computed at it)."""
     layers = module_layers(model)
-    grads = grads or reference_gradients(model, batches, reference, bar)
+    ref = ref or reference_gradients(model, batches, reference, bar)
     cfg = qdylora_config_of(model)
     k = torch.arange(cfg.r_max)
     # gradients came at scale alpha / reference; components >= reference run at alpha / (k + 1) at the most
@@ -140,10 +151,11 @@ def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: in
     rows = []
     for name, layer in layers.items():
         A, B = _factors(layer)
-        gA, gB = grads[name]
+        gA, gB = ref.grads[name]
         rows.append(((A * gA).abs().sum(1) + (B * gB).abs().sum(0)) * rescale)
     return ScoreTable(list(layers), torch.stack(rows).double(), _costs(list(layers.values())),
-                      [default_allowed(cfg)] * len(layers), "taylor", {"reference": reference})
+                      [default_allowed(cfg)] * len(layers), "taylor",
+                      {"reference": reference, "reference_loss": ref.loss})
 
 
 def gradnorm_on_rank(r_max: int, reference: int) -> int:
@@ -152,18 +164,18 @@ def gradnorm_on_rank(r_max: int, reference: int) -> int:
 
 
 def gradnorm_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
-                    grads: dict | None = None) -> ScoreTable:
+                    ref: ReferencePass | None = None) -> ScoreTable:
     """Per module G_m = ||(gA[:n], gB[:, :n])|| at the reference; the module is off or on at rank n."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
     n = gradnorm_on_rank(cfg.r_max, reference)
-    grads = grads or reference_gradients(model, batches, reference, bar)
+    ref = ref or reference_gradients(model, batches, reference, bar)
     gains = torch.zeros(len(layers), cfg.r_max, dtype=torch.float64)
     for i, name in enumerate(layers):
-        gA, gB = grads[name]
+        gA, gB = ref.grads[name]
         gains[i, :n] = float((gA[:n].pow(2).sum() + gB[:, :n].pow(2).sum()).sqrt()) / n
     return ScoreTable(list(layers), gains, _costs(list(layers.values())), [[0, n]] * len(layers), "gradnorm",
-                      {"reference": reference, "on_rank": n})
+                      {"reference": reference, "on_rank": n, "reference_loss": ref.loss})
 
 
 @torch.no_grad()
