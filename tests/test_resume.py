@@ -207,3 +207,25 @@ def test_a_new_cli_run_takes_the_config_defaults_and_an_old_run_resumes_with_its
     assert [r["step"] for r in log()] == [1, 2, 3, 4, 5, 6]  # resumed from checkpoint-1
     later = log()[1:]
     assert len(later) == 5 and len({r for row in later for r in row["ranks"]}) > 1
+
+
+def test_the_write_probe_survives_another_process_cleaning_the_folder(tmp_path, monkeypatch):
+    """Under DDP/FSDP the main process removes temporary leftovers from the run folder while another process probes
+    it for writing: a probe removed under that process still proves the folder writable (a race tests/test_fsdp.py
+    hit on a loaded machine)."""
+    import tempfile
+    from pathlib import Path
+
+    from qdylora.atomic import remove_stale
+    from qdylora.train import run_folder
+
+    real = tempfile.mkstemp
+
+    def racing(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        assert remove_stale(kwargs["dir"]) == [Path(name).name]  # the other process's clean-up takes the probe
+        return fd, name
+
+    monkeypatch.setattr(run_folder.tempfile, "mkstemp", racing)
+    run_folder.check_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -100,7 +100,11 @@ def check_writable(out: Path) -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=".write-probe.tmp-", dir=probe_dir)
         os.close(fd)
-        os.unlink(name)
+    except OSError as e:
+        raise TrainingError(f"cannot write to {probe_dir} ({e.strerror}); choose another --output") from None
+    try:
+        # the probe may be gone already: another process of the same run removes temporary leftovers (remove_stale)
+        Path(name).unlink(missing_ok=True)
     except OSError as e:
         raise TrainingError(f"cannot write to {probe_dir} ({e.strerror}); choose another --output") from None
 
