@@ -236,37 +236,23 @@ def evaluate_run(model, held, allocs: dict) -> dict:
     return out
 
 
-def check_allocations(model, calib, allocs: dict, heldout: dict) -> None:
-    """What `qdylora allocate` does after the greedy, per budget and score: the pattern's calibration loss against
-    the uniform rank's, and the uniform rank kept where it does as well. Adds each allocation's "check" and the
-    held-out loss of what is kept, as "<score>+check", to `heldout` (one of the two already measured).
-
-    The check's seconds are the pattern's pass; `qdylora allocate` takes the uniform rank's loss from the reference
-    pass the scores ran on the same batches, so only `norm` (no reference pass) pays for that one too."""
+def calibration_losses(model, calib, allocs: dict) -> None:
+    """Each pattern's calibration loss beside the uniform rank's (what `qdylora allocate` prints), stored with the
+    allocation: does the calibration data tell a pattern that wins on held-out data from one that loses?"""
     from qdylora.adapters.attach import module_layers
     from qdylora.allocate.calib import config_losses
 
     names = list(module_layers(model))
-
-    def timed(ranks: list[int]) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        loss = float(config_losses(model, calib, torch.tensor([ranks]))[0])
-        return loss, time.perf_counter() - t0
-
     for R, res in allocs.items():
-        uniform, uniform_s = timed([int(R)] * len(names))
-        for s, a in res.items():
-            pattern, seconds = timed([a["ranks"][n] for n in names])
-            chosen = "uniform" if uniform <= pattern else "pattern"
-            a["check"] = {"calibration_loss": round(pattern, 5), "uniform_calibration_loss": round(uniform, 5),
-                          "chosen": chosen, "seconds": round(seconds + (uniform_s if s == "norm" else 0.0), 2)}
-            heldout[R][f"{s}+check"] = heldout[R]["uniform" if chosen == "uniform" else s]
-        print(f"  checked R={R}: " + ", ".join(f"{s} {a['check']['chosen']}" for s, a in res.items()), flush=True)
+        configs = [[int(R)] * len(names)] + [[a["ranks"][n] for n in names] for a in res.values()]
+        losses = config_losses(model, calib, torch.tensor(configs)).tolist()
+        for a, loss in zip(res.values(), losses[1:]):
+            a["calibration"] = {"pattern": round(loss, 5), "uniform": round(losses[0], 5)}
 
 
-def checked(run: dict) -> bool:
-    """Whether every allocation of a stored run has its uniform check."""
-    return all("check" in a for res in run["allocations"].values() for a in res.values())
+def has_calibration(run: dict) -> bool:
+    """Whether every allocation of a stored run has its calibration losses."""
+    return all("calibration" in a for res in run["allocations"].values() for a in res.values())
 
 
 def main(argv=None) -> int:
@@ -335,8 +321,8 @@ def main(argv=None) -> int:
             _, rank_per, seed, scores = arm_spec
             key = f"{rank_per}_s{seed}"
             found = reused(args, f"{rank_per}-{args.update}", args.steps, seed)
-            done = results["runs"].get(key)  # from --resume; without the check, it is added (its adapter needed)
-            if (done and (checked(done) or not found)) or (args.adapters_only and not found):
+            done = results["runs"].get(key)  # from --resume; calibration losses are added if missing (adapter needed)
+            if (done and (has_calibration(done) or not found)) or (args.adapters_only and not found):
                 continue
             print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
             run_args = argparse.Namespace(**{**vars(args), "seed": seed})
@@ -356,13 +342,13 @@ def main(argv=None) -> int:
             if "base_loss" not in results:  # rank 0 everywhere: the base model alone
                 results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
             if done:
-                check_allocations(model, calib, done["allocations"], done["heldout"])
+                calibration_losses(model, calib, done["allocations"])
             else:
                 allocs = allocate_all(model, calib, loss_calib, run_args, budgets, scores,
                                       loss_budgets if key == main_key else [])
                 arm.pop("ranks_sampled", None)
                 heldout = evaluate_run(model, held, allocs)
-                check_allocations(model, calib, allocs, heldout)
+                calibration_losses(model, calib, allocs)
                 results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
                                         "heldout": heldout, "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
         results["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)

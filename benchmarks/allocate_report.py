@@ -7,8 +7,6 @@ from pathlib import Path
 
 STEM = "allocate"
 SCORES = ("loss", "taylor", "norm", "gradnorm")
-# each score's pattern, or the uniform rank where it has the lower calibration loss (qdylora allocate's default)
-COLUMNS = SCORES + tuple(f"{s}+check" for s in SCORES)
 
 
 def summarise(res: dict) -> dict:
@@ -35,8 +33,8 @@ def summarise(res: dict) -> dict:
             out["wins"][best] = out["wins"].get(best, 0) + 1
     train_s = res["runs"][main_key]["train_seconds"]
     out["seconds_per_allocation"] = {}
-    for s in COLUMNS:
-        secs = [_seconds(a, s) for a in res["runs"][main_key]["allocations"].values() if _seconds(a, s) is not None]
+    for s in SCORES:
+        secs = [a[s]["seconds"] for a in res["runs"][main_key]["allocations"].values() if s in a]
         if secs:
             mean = sum(secs) / len(secs)
             out["seconds_per_allocation"][s] = {"mean": round(mean, 2), "percent_of_training":
@@ -44,21 +42,26 @@ def summarise(res: dict) -> dict:
     # every run against its own training time (a run trained in this process was timed under the same load)
     out["percent_of_training_per_run"] = {}
     for key, run in res["runs"].items():
-        for s in COLUMNS:
-            secs = [_seconds(a, s) for a in run["allocations"].values() if _seconds(a, s) is not None]
+        for s in SCORES:
+            secs = [a[s]["seconds"] for a in run["allocations"].values() if s in a]
             if secs and run.get("train_seconds"):
                 out["percent_of_training_per_run"].setdefault(s, {})[key] = round(
                     100 * sum(secs) / len(secs) / run["train_seconds"], 2)
+    out["calibration_vs_heldout"] = {key: calibration_agreement(run) for key, run in res["runs"].items()
+                                     if any("calibration" in a for r in run["allocations"].values() for a in r.values())}
     return out
 
 
-def _seconds(allocs: dict, column: str) -> float | None:
-    """Seconds of one allocation: scores + greedy, plus the calibration check for a '+check' column."""
-    score, _, check = column.partition("+")
-    a = allocs.get(score)
-    if a is None or (check and "check" not in a):
-        return None
-    return a["seconds"] + (a["check"]["seconds"] if check else 0.0)
+def calibration_agreement(run: dict) -> dict:
+    """How often a pattern's calibration loss against the uniform rank's has the sign of its held-out difference."""
+    rows = []
+    for R, allocs in run["allocations"].items():
+        for s, a in allocs.items():
+            if "calibration" in a:
+                cal = a["calibration"]["pattern"] - a["calibration"]["uniform"]
+                held = run["heldout"][R][s] - run["heldout"][R]["uniform"]
+                rows.append({"R": R, "score": s, "calibration": round(cal, 5), "heldout": round(held, 5)})
+    return {"agree": sum((r["calibration"] < 0) == (r["heldout"] < 0) for r in rows), "total": len(rows), "rows": rows}
 
 
 def room(run: dict, R: str) -> float | None:
@@ -93,7 +96,7 @@ def markdown(res: dict) -> str:
              f"{cfg['loss_grid']}, budgets {cfg['loss_budgets']} of the main run only). Base model without adapter: "
              f"held-out loss {res['base_loss']:.4f}.", ""]
     for key, run in res["runs"].items():
-        scores = [s for s in COLUMNS if any(s in row for row in run["heldout"].values())]
+        scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
         trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"
         by = f", by {run['trained_by']}" if run.get("trained_by") else ""
         lines += [f"## Held-out loss, QDyLoRA rank_per={run['rank_per']} seed {run['seed']} (trained in "
@@ -147,6 +150,16 @@ def markdown(res: dict) -> str:
                   "| score | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for s, v in per_run.items():
             lines.append(f"| {s} | " + " | ".join(f"{v[k]:.2f}%" if k in v else "" for k in keys) + " |")
+    agreement = summ.get("calibration_vs_heldout", {})
+    if agreement:
+        lines += ["", "## Calibration loss against held-out loss", "",
+                  "`qdylora allocate` prints the pattern's calibration loss beside the uniform rank's. How often does "
+                  "its sign (pattern better or worse) match the held-out one?", "",
+                  "| run | same sign | taylor: calibration / held-out difference per R |", "|---|---|---|"]
+        for key, a in agreement.items():
+            taylor = ", ".join(f"R={r['R']} {r['calibration']:+.4f} / {r['heldout']:+.4f}" for r in a["rows"]
+                               if r["score"] == "taylor")
+            lines.append(f"| {key} | {a['agree']} of {a['total']} | {taylor} |")
     main_run = next(iter(res["runs"].values()))
     lines += ["", "## Where the patterns put their parameters (main run)", "",
               "| R | score | off | max rank | share per module type | mean rank, layers 0-9 / 10-19 / 20-29 |",
@@ -164,13 +177,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _params(run: dict, R: str, column: str, per_rank: float) -> float:
-    """Adapter parameters of what a column keeps: the pattern's, or the uniform rank's where its check chose that."""
-    score, _, check = column.partition("+")
-    a = run["allocations"][R][score]
-    return int(R) * per_rank if check and a["check"]["chosen"] == "uniform" else a["params"]
-
-
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -179,7 +185,7 @@ def plot(res: dict, path: Path) -> None:
 
     runs = list(res["runs"].items())[:2]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.4), squeeze=False)
-    markers = {"loss": "s", "taylor": "^", "norm": "D", "gradnorm": "v", "taylor+check": "x"}
+    markers = {"loss": "s", "taylor": "^", "norm": "D", "gradnorm": "v"}
     for ax, (key, run) in zip(axes[0], runs):
         Rs = list(run["heldout"])
         total = next(iter(run["allocations"].values()))
@@ -187,7 +193,7 @@ def plot(res: dict, path: Path) -> None:
         uni = run.get("uniform_heldout") or {R: run["heldout"][R]["uniform"] for R in Rs}
         ax.plot([int(r) * per_rank for r in uni], list(uni.values()), "o-", color="k", label="uniform rank (same run)")
         for s, m in markers.items():
-            pts = [(_params(run, R, s, per_rank), run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
+            pts = [(run["allocations"][R][s]["params"], run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
             if pts:
                 ax.plot(*zip(*pts), m, markersize=8, linestyle="none", label=f"{s} pattern")
         lo = [(int(R) * per_rank, res["lora"][R]["heldout"]) for R in Rs if R in res["lora"]]

@@ -32,7 +32,7 @@ def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
     out, data = run
     pattern = tmp_path / "p.json"
     assert main(["allocate", str(out), "--avg-rank", "2", "--data", str(data), "--output", str(pattern), "--score",
-                 score, "--limit", "2", "--keep-pattern"]) == 0
+                 score, "--limit", "2"]) == 0
     text = capsys.readouterr().out
     p = json.loads(pattern.read_text())
     assert set(p) == {"ranks", "params", "budget", "score", "source"} and p["score"] == score

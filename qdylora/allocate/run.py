@@ -24,51 +24,37 @@ from .scores import SCORES, compute_scores
 
 @dataclass
 class Allocation:
-    """The pattern written, the scored one, and how the scored one compares with the uniform rank of the budget."""
+    """The chosen pattern, its scores and how it compares with the uniform rank of the same budget."""
 
-    pattern: RankPattern  # what is written: the scored ranks, or the uniform rank where that did better
+    pattern: RankPattern
     table: ScoreTable
     budget: int
     uniform_rank: int | None
-    pattern_loss: float  # calibration loss of the scored ranks
+    pattern_loss: float
     uniform_loss: float | None
     seconds: dict[str, float] = field(default_factory=dict)
-    scored_ranks: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def fell_back(self) -> bool:
-        """True when the uniform rank beat the scored ranks on the calibration data and was written instead."""
-        return self.pattern.ranks != self.scored_ranks
 
     def summary(self) -> str:
         """The report `qdylora allocate` prints: table, parameters against budget, calibration losses."""
         p = self.pattern
         info = self.table.info
         where = "data-free" if p.score == "norm" else f"at reference rank {info.get('reference')}"
-        scored = p.source["scored_params"]
         lines = [f"score {p.score} ({where}): {self.seconds['scores']:.1f} s (greedy {self.seconds['greedy']:.2f} s)",
-                 "ranks per module type x layer ('.' = off):", rank_table(self.scored_ranks),
-                 f"parameters: {scored:,} of a budget of {self.budget:,} ({100 * scored / self.budget:.1f}%)"]
-        if self.uniform_rank is None:
+                 "ranks per module type x layer ('.' = off):", rank_table(p.ranks),
+                 f"parameters: {p.params:,} of a budget of {self.budget:,} ({100 * p.params / self.budget:.1f}%)"]
+        if self.uniform_rank is not None:
+            lines.append(f"uniform rank {self.uniform_rank} everywhere: {p.source['uniform_params']:,} parameters")
+            lines.append(f"calibration loss: pattern {self.pattern_loss:.4f}, uniform rank {self.uniform_rank} "
+                         f"{self.uniform_loss:.4f} (difference {self.pattern_loss - self.uniform_loss:+.4f})")
+        else:
             lines.append(f"calibration loss: pattern {self.pattern_loss:.4f} (no uniform rank fits this budget)")
-            return "\n".join(lines)
-        lines.append(f"uniform rank {self.uniform_rank} everywhere: {p.source['uniform_params']:,} parameters")
-        lines.append(f"calibration loss: pattern {self.pattern_loss:.4f}, uniform rank {self.uniform_rank} "
-                     f"{self.uniform_loss:.4f} (difference {self.pattern_loss - self.uniform_loss:+.4f})")
-        if self.fell_back:
-            lines.append(f"the uniform rank {self.uniform_rank} does better on the calibration data, so the file holds "
-                         f"rank {self.uniform_rank} everywhere (--keep-pattern writes the pattern above)")
         return "\n".join(lines)
 
 
 def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int, score: str = "taylor",
                    avg_rank: float | None = None, grid: Sequence[int] | None = None, progress: bool = True,
-                   source: dict[str, Any] | None = None, keep_pattern: bool = False) -> Allocation:
-    """Scores, greedy allocation and calibration losses (pattern, uniform rank) for a loaded qdylora model.
-
-    The uniform rank of the budget is the allocation when its calibration loss is not above the scored pattern's
-    (a pattern that loses on the data it was scored on is not worth its heterogeneity), unless `keep_pattern`.
-    """
+                   source: dict[str, Any] | None = None) -> Allocation:
+    """Scores, greedy allocation and calibration losses (pattern, uniform rank) for a loaded qdylora model."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
     costs = {n: layer.in_features + layer.out_features for n, layer in layers.items()}
@@ -92,25 +78,19 @@ def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int,
     if known is not None:
         losses.append(known)
     seconds = {"scores": table.info["seconds"], "greedy": greedy_s, "evaluation": time.perf_counter() - t0}
-    fall_back = uniform is not None and not keep_pattern and losses[1] <= losses[0]
-    chosen = dict.fromkeys(ranks, uniform) if fall_back else ranks
     tokens = sum(b.tokens for b in batches)
     src = {**(source or {}), "reference_rank": reference, "calibration_examples": sum(b.ids.shape[0] for b in batches),
            "calibration_tokens": tokens, "uniform_rank": uniform,
            "uniform_params": None if uniform is None else uniform * sum(costs.values()),
            "calibration_loss": {"pattern": losses[0], "uniform": losses[1] if uniform is not None else None},
-           "chosen": "uniform" if fall_back else "pattern", "scored_params": pattern_params(ranks, costs),
            "seconds": {k: round(v, 3) for k, v in seconds.items()}}
-    if fall_back:
-        src["scored_ranks"] = ranks
     if score == "loss":
         src["grid"] = table.info["grid"]
     if score == "gradnorm":
         src["on_rank"] = table.info["on_rank"]
-    pattern = RankPattern(ranks=chosen, params=pattern_params(chosen, costs),
+    pattern = RankPattern(ranks=ranks, params=pattern_params(ranks, costs),
                           budget={"params": budget, "avg_rank": avg_rank}, score=score, source=src)
-    return Allocation(pattern, table, budget, uniform, losses[0], losses[1] if uniform is not None else None, seconds,
-                      ranks)
+    return Allocation(pattern, table, budget, uniform, losses[0], losses[1] if uniform is not None else None, seconds)
 
 
 def check_pattern_output(output: Path, adapter_dir: Path, overwrite: bool) -> None:
@@ -143,7 +123,7 @@ def load_calibration(data: str, limit: int | None) -> list[dict]:
 def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_rank: float | None = None,
              params: int | None = None, score: str = "taylor", limit: int | None = 16, model: str | None = None,
              max_seq_len: int | None = None, batch_size: int = 4, grid: Sequence[int] | None = None,
-             overwrite: bool = False, progress: bool = True, keep_pattern: bool = False) -> Allocation:
+             overwrite: bool = False, progress: bool = True) -> Allocation:
     """Load the run's adapter, allocate ranks under the budget and write the pattern JSON to `output`.
 
     Every input is checked before the model loads; nothing is written before the pattern is ready.
@@ -174,7 +154,7 @@ def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_r
     batches = calibration_batches(records, tokenizer, max_seq_len, batch_size, model_device(peft_model))
     source = {"adapter": str(adapter_dir.resolve()), "base_model": base_name, "data": str(data), "limit": limit,
               "max_seq_len": max_seq_len}
-    result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source, keep_pattern)
+    result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_pattern(result.pattern, output)
     return result

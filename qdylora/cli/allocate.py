@@ -33,9 +33,6 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cut calibration examples to this many tokens (default: the run's --max-seq-len)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration examples per batch (default %(default)s)")
-    p.add_argument("--keep-pattern", action="store_true",
-                   help="write the scored pattern even when the uniform rank of the same budget has the lower "
-                        "calibration loss (by default the uniform rank is written then)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=_run_allocate)
     return p
@@ -51,7 +48,7 @@ def _run_allocate(args) -> int:
         check_int("--max-seq-len", args.max_seq_len, 1, "--max-seq-len")
     result = allocate(args.run, args.output, args.data, avg_rank=args.avg_rank, params=args.params,
                       score=args.score, limit=args.limit, model=args.model, max_seq_len=args.max_seq_len,
-                      batch_size=args.batch_size, overwrite=args.overwrite, keep_pattern=args.keep_pattern)
+                      batch_size=args.batch_size, overwrite=args.overwrite)
     print(result.summary())
     print(f"wrote {args.output}")
     return 0
