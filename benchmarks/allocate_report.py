@@ -178,34 +178,49 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
+    """Held-out loss against adapter parameters, one panel per run, zoomed on the uniform ranks: patterns worse than
+    the panel's top are drawn at the top edge, hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = list(res["runs"].items())[:2]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.4), squeeze=False)
-    markers = {"loss": "s", "taylor": "^", "norm": "D", "gradnorm": "v"}
-    for ax, (key, run) in zip(axes[0], runs):
+    runs = list(res["runs"].items())
+    cols = min(2, len(runs))
+    rows = (len(runs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    style = {"loss": ("s", "tab:blue"), "taylor": ("^", "tab:orange"), "norm": ("D", "tab:green"),
+             "gradnorm": ("v", "tab:purple")}
+    for ax, (key, run) in zip(axes.flat, runs):
         Rs = list(run["heldout"])
         total = next(iter(run["allocations"].values()))
         per_rank = next(iter(total.values()))["budget"] / int(Rs[0])
         uni = run.get("uniform_heldout") or {R: run["heldout"][R]["uniform"] for R in Rs}
+        lora = [(int(R) * per_rank, res["lora"][R]["heldout"]) for R in Rs if R in res["lora"]]
+        shown = list(uni.values()) + [v for _, v in lora]
+        bottom, top = min(shown + [run["heldout"][R][s] for R in Rs for s in run["heldout"][R]]) - 0.003, \
+            max(shown) + 0.01
         ax.plot([int(r) * per_rank for r in uni], list(uni.values()), "o-", color="k", label="uniform rank (same run)")
-        for s, m in markers.items():
+        for s, (m, color) in style.items():
             pts = [(run["allocations"][R][s]["params"], run["heldout"][R][s]) for R in Rs if s in run["heldout"][R]]
-            if pts:
-                ax.plot(*zip(*pts), m, markersize=8, linestyle="none", label=f"{s} pattern")
-        lo = [(int(R) * per_rank, res["lora"][R]["heldout"]) for R in Rs if R in res["lora"]]
-        if lo:
-            ax.plot(*zip(*lo), "*", color="tab:red", markersize=12, linestyle="none", label="LoRA trained at R")
-        ax.axhline(res["base_loss"], color="gray", linestyle=":", label="base model")
+            inside = [(x, y) for x, y in pts if y <= top]
+            above = [(x, top) for x, y in pts if y > top]
+            if inside:
+                ax.plot(*zip(*inside), m, color=color, markersize=8, linestyle="none", label=f"{s} pattern")
+            if above:
+                ax.plot(*zip(*above), m, color=color, markerfacecolor="none", markersize=8, linestyle="none",
+                        clip_on=False, label=f"{s} pattern (worse than shown)")
+        if lora:
+            ax.plot(*zip(*lora), "*", color="tab:red", markersize=12, linestyle="none", label="LoRA trained at R")
+        ax.set_ylim(bottom, top)
         ax.set_xscale("log")
         ax.set_xlabel("adapter parameters")
         ax.set_ylabel("held-out loss")
-        ax.set_title(f"rank_per={run['rank_per']}, seed {run['seed']}")
+        ax.set_title(f"rank_per={run['rank_per']}, seed {run['seed']} (base model {res['base_loss']:.3f})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
     fig.suptitle(f"per-module ranks vs uniform ranks, NF4 SmolLM2-135M, {res['config']['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
