@@ -12,7 +12,11 @@ r_max: no pattern of budget R is expected to beat the best of them much, which b
 Writes benchmarks/results/allocate.{json,md,png}.
 
     python benchmarks/allocate.py --smoke     # tiny sizes: checks the script end to end (minutes)
-    python benchmarks/allocate.py             # the experiment
+    python benchmarks/allocate.py             # the experiment (about 100 minutes on 2 cores, 1 thread)
+
+The committed results: the two default runs were trained beside each other first (one process each, the same
+settings, kept as --work-dir DIR/example-nested_160_{0,1} with their .json records), then
+`--adapters DIR --work-dir DIR --keep-runs --resume` with the LoRA rows of the previous results file.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--main", default="example", help="rank_per of the main run (example: the default rule)")
     p.add_argument("--noise-seed", type=int, default=1, help="second seed of the main run (run-to-run noise)")
     p.add_argument("--compare", default="module,step", help="rank_per of the other runs (one seed each)")
-    p.add_argument("--heldout", type=int, default=24, help="held-out Alpaca examples (split off before training)")
+    p.add_argument("--heldout", type=int, default=64, help="held-out Alpaca examples (split off before training)")
     p.add_argument("--calib", type=int, default=8, help="calibration examples (the first of the training split)")
     p.add_argument("--loss-calib", type=int, default=2, help="calibration examples of the (costly) loss score")
     p.add_argument("--budgets", default="1,2,4,8,16", help="average ranks R of the budgets")
