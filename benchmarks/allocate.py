@@ -354,7 +354,8 @@ def main(argv=None) -> int:
                 heldout = evaluate_run(model, held, allocs)
                 calibration_losses(model, calib, allocs)
                 results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,
-                                        "heldout": heldout, "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
+                                        "heldout": heldout,
+                                        "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
         results["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
         results["summary"] = summarise(results)
         save(results, out_dir)

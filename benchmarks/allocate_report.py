@@ -48,7 +48,7 @@ def summarise(res: dict) -> dict:
                 out["percent_of_training_per_run"].setdefault(s, {})[key] = round(
                     100 * sum(secs) / len(secs) / run["train_seconds"], 2)
     out["calibration_vs_heldout"] = {key: calibration_agreement(run) for key, run in res["runs"].items()
-                                     if any("calibration" in a for r in run["allocations"].values() for a in r.values())}
+                                     if calibration_agreement(run)["total"]}
     return out
 
 
@@ -113,13 +113,15 @@ def markdown(res: dict) -> str:
                       + ". Room: uniform R minus the best uniform rank >= R."]
         lines.append("")
     lines += [f"## Summary (main run {summ.get('main')}, noise from {summ.get('noise_run')})", "",
-              "| R | best score | its gain vs uniform | room | noise: uniform across seeds | noise: gain across seeds | "
+              "| R | best score | its gain vs uniform | room | noise: uniform across seeds | "
+              "noise: gain across seeds | "
               "best pattern vs LoRA at R |", "|---|---|---|---|---|---|---|"]
     for R, e in summ["per_budget"].items():
         best = e["best"]
         gain = e["delta_vs_uniform"].get(best)
         vs_lora = None if "lora" not in e or best is None else e["uniform"] + gain - e["lora"]
-        lines.append(f"| {R} | {best} | {gain:+.4f} | {_cell(e.get('room'))} | {e.get('noise_uniform', float('nan')):.4f} | "
+        lines.append(f"| {R} | {best} | {gain:+.4f} | {_cell(e.get('room'))} | "
+                     f"{e.get('noise_uniform', float('nan')):.4f} | "
                      f"{e.get('noise_delta', {}).get(best, float('nan')):.4f} | "
                      + ("" if vs_lora is None else f"{vs_lora:+.4f}") + " |")
     lines += ["", "Best score per budget: " + ", ".join(f"{s} {n}x" for s, n in summ["wins"].items()) + ".", ""]
