@@ -16,7 +16,8 @@ Writes benchmarks/results/allocate.{json,md,png}.
 
 The committed results: the two default runs were trained beside each other first (one process each, the same
 settings, kept as --work-dir DIR/example-nested_160_{0,1} with their .json records), then
-`--adapters DIR --work-dir DIR --keep-runs --resume` with the LoRA rows of the previous results file.
+`--adapters DIR --work-dir DIR --keep-runs --resume` with the LoRA rows of the previous results file; the second
+seed of the module run was added by `--compare module --compare-seeds 0,1` with the same four options.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--main", default="example", help="rank_per of the main run (example: the default rule)")
     p.add_argument("--noise-seed", type=int, default=1, help="second seed of the main run (run-to-run noise)")
-    p.add_argument("--compare", default="module,step", help="rank_per of the other runs (one seed each)")
+    p.add_argument("--compare", default="module,step", help="rank_per of the other runs")
+    p.add_argument("--compare-seeds", default=None,
+                   help="seeds of the --compare runs (default: --seed; two measure their run-to-run noise)")
     p.add_argument("--heldout", type=int, default=64, help="held-out Alpaca examples (split off before training)")
     p.add_argument("--calib", type=int, default=8, help="calibration examples (the first of the training split)")
     p.add_argument("--loss-calib", type=int, default=2, help="calibration examples of the (costly) loss score")
@@ -317,7 +320,8 @@ def main(argv=None) -> int:
     others = [s for s in SCORES if s != "loss"]  # the costly loss score on the main run only
     arms = ([("qdylora", args.main, args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
             + [("qdylora", args.main, args.noise_seed, others)]
-            + [("qdylora", rank_per, args.seed, others) for rank_per in args.compare.split(",") if rank_per]
+            + [("qdylora", rank_per, seed, others) for seed in ints(args.compare_seeds) or [args.seed]
+               for rank_per in args.compare.split(",") if rank_per]
             + [("lora", r) for r in sorted(lora_ranks) if r > 8])
     for arm_spec in arms:
         if arm_spec[0] == "lora":

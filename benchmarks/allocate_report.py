@@ -49,6 +49,32 @@ def summarise(res: dict) -> dict:
                     100 * sum(secs) / len(secs) / run["train_seconds"], 2)
     out["calibration_vs_heldout"] = {key: calibration_agreement(run) for key, run in res["runs"].items()
                                      if calibration_agreement(run)["total"]}
+    out["rule_noise"] = rule_noise(res)
+    return out
+
+
+def rule_noise(res: dict) -> dict:
+    """Per rank_per rule with two seeds, per budget: the score best on the first seed, its gain over the uniform
+    rank on each seed, the spread (run-to-run noise) and whether both gains are below minus the spread."""
+    by_rule: dict = {}
+    for run in res["runs"].values():
+        by_rule.setdefault(run["rank_per"], []).append(run)
+    out = {}
+    for rule, runs in by_rule.items():
+        if len(runs) < 2:
+            continue
+        first, second = runs[:2]
+        out[rule] = {"seeds": [first["seed"], second["seed"]], "per_budget": {}}
+        for R, row in first["heldout"].items():
+            other = second["heldout"].get(R)
+            scores = [k for k in row if k != "uniform" and other and k in other]
+            if not scores:
+                continue
+            best = min(scores, key=lambda k: row[k] - row["uniform"])
+            gains = [round(row[best] - row["uniform"], 5), round(other[best] - other["uniform"], 5)]
+            spread = round(abs(gains[0] - gains[1]), 5)
+            out[rule]["per_budget"][R] = {"score": best, "gains": gains, "spread": spread,
+                                          "beats_noise": all(g < -spread for g in gains)}
     return out
 
 
@@ -125,6 +151,18 @@ def markdown(res: dict) -> str:
                      f"{e.get('noise_delta', {}).get(best, float('nan')):.4f} | "
                      + ("" if vs_lora is None else f"{vs_lora:+.4f}") + " |")
     lines += ["", "Best score per budget: " + ", ".join(f"{s} {n}x" for s, n in summ["wins"].items()) + ".", ""]
+    noise = summ.get("rule_noise", {})
+    if noise:
+        lines += ["## Run-to-run noise per rule (two seeds of the same settings)", "",
+                  "The score best on the first seed; its gain over the uniform rank on each seed (negative: the "
+                  "pattern wins) and the gains' spread. Beats noise: both gains below minus the spread.", "",
+                  "| rule | R | score | gain (seeds) | spread | beats noise |", "|---|---|---|---|---|---|"]
+        for rule, n in noise.items():
+            for R, e in n["per_budget"].items():
+                lines.append(f"| {rule} (seeds {n['seeds'][0]}, {n['seeds'][1]}) | {R} | {e['score']} | "
+                             f"{e['gains'][0]:+.4f} / {e['gains'][1]:+.4f} | {e['spread']:.4f} | "
+                             f"{'yes' if e['beats_noise'] else 'no'} |")
+        lines.append("")
     lines += ["## Every run: its best pattern against its uniform rank and the LoRA trained at R", "",
               "| run | " + " | ".join(f"R={R}" for R in summ["per_budget"]) + " |",
               "|---|" + "---|" * len(summ["per_budget"])]
