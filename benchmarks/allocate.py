@@ -165,10 +165,10 @@ def qdylora_run(args, base, tok, dataset, rank_per: str, found: tuple[Path, dict
     else:
         name = f"{rank_per}-{args.update}_{args.steps}_{args.seed}"
         arm = train_arm(name, model, tok, dataset, args)
-        arm.pop("ranks_sampled", None)
         if args.keep_runs:
             (Path(args.work_dir) / f"{name}.json").write_text(json.dumps(arm))
     model.eval()
+    arm.pop("ranks_sampled", None)
     return model, arm
 
 
@@ -361,7 +361,6 @@ def main(argv=None) -> int:
             else:
                 allocs = allocate_all(model, calib, loss_calib, run_args, budgets, scores,
                                       loss_budgets if key == main_key else [])
-                arm.pop("ranks_sampled", None)
                 heldout = evaluate_run(model, held, allocs)
                 calibration_losses(model, calib, allocs)
                 results["runs"][key] = {**arm, "rank_per": rank_per, "seed": seed, "allocations": allocs,

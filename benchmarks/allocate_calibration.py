@@ -155,12 +155,10 @@ def plot(res: dict, path: Path) -> None:
 
 def save(res: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    res["summary"] = summarise(res)
     (out_dir / f"{STEM}.json").write_text(json.dumps(res, indent=1))
-    if res["runs"]:
-        res["summary"] = summarise(res)
-        (out_dir / f"{STEM}.json").write_text(json.dumps(res, indent=1))
-        (out_dir / f"{STEM}.md").write_text(markdown(res))
-        plot(res, out_dir / f"{STEM}.png")
+    (out_dir / f"{STEM}.md").write_text(markdown(res))
+    plot(res, out_dir / f"{STEM}.png")
 
 
 def main(argv=None) -> int:

@@ -47,8 +47,8 @@ def summarise(res: dict) -> dict:
             if secs and run.get("train_seconds"):
                 out["percent_of_training_per_run"].setdefault(s, {})[key] = round(
                     100 * sum(secs) / len(secs) / run["train_seconds"], 2)
-    out["calibration_vs_heldout"] = {key: calibration_agreement(run) for key, run in res["runs"].items()
-                                     if calibration_agreement(run)["total"]}
+    agreement = {key: calibration_agreement(run) for key, run in res["runs"].items()}
+    out["calibration_vs_heldout"] = {key: a for key, a in agreement.items() if a["total"]}
     out["rule_noise"] = rule_noise(res)
     return out
 
