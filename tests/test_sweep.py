@@ -203,3 +203,30 @@ def test_resolve_base(saved):
     assert resolve_base(meta, "other") == "other"
     with pytest.raises(ValueError, match="pass it with --model"):
         resolve_base({"base_model": {"name": "LlamaForCausalLM"}})
+
+
+def test_logits_at_runs_the_head_on_the_marked_positions_only(tiny, monkeypatch):
+    from qdylora.eval.common import apply_rank, logits_at
+
+    model, _ = tiny
+    apply_rank(model, 4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.get_input_embeddings().num_embeddings, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    at = torch.rand(3, 9, generator=g) < 0.4
+    at[1, -3:] = False
+    at[2] = False  # a row with no marked position
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask,
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        head_rows = []
+        handle = model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out: head_rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        picked = logits_at(model, ids, mask, at)
+        handle.remove()
+        torch.testing.assert_close(picked, full[at], rtol=1e-5, atol=1e-5)
+        assert head_rows == [int(at.sum())]
+        # a model whose head cannot be found: the same logits, taken from the full (or trimmed) output
+        monkeypatch.setattr(model.get_base_model(), "get_output_embeddings", lambda: None)
+        torch.testing.assert_close(logits_at(model, ids, mask, at), full[at], rtol=1e-5, atol=1e-5)

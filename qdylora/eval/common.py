@@ -102,18 +102,52 @@ def accepts(model: nn.Module, name: str) -> bool:
     return name in params
 
 
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int | None) -> torch.Tensor:
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False}
+    if keep is not None:
+        kwargs["logits_to_keep"] = keep
+    return model(**kwargs).logits
+
+
 def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                    keep: int | None = None) -> torch.Tensor:
     """Logits [rows, positions, vocab]; with `keep`, only the last `keep` positions (cheaper LM head)."""
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False}
-    if keep is not None and accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = keep
-    else:
+    if keep is not None and not accepts(model, "logits_to_keep"):
         keep = None
-    logits = model(**kwargs).logits
+    logits = _logits(model, ids, mask, keep)
     if keep is None and logits.shape[1] != ids.shape[1]:
         raise RuntimeError(f"model returned logits for {logits.shape[1]} positions, expected {ids.shape[1]}")
     return logits
+
+
+def logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] of the positions marked in `at` (bool [rows, positions]), in row-major order.
+
+    The LM head runs on those positions alone (a pre-hook picks them from its input): on a 50k-token vocabulary
+    the head is a fifth of a small model's work, and a loss needs it at the response tokens only.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    picked = []
+
+    def pick(_module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].shape[:2] == at.shape:
+            picked.append(True)
+            return (args[0][at],) + tuple(args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(pick) if isinstance(head, nn.Module) else None
+    if handle is None:
+        first = int(at.any(0).float().argmax()) if bool(at.any()) else at.shape[1] - 1
+        logits = forward_logits(model, ids, mask, keep=at.shape[1] - first)
+        return logits[at[:, at.shape[1] - logits.shape[1]:]]
+    try:
+        logits = _logits(model, ids, mask, None)
+    finally:
+        handle.remove()
+    if picked:
+        return logits.reshape(-1, logits.shape[-1])
+    # the head was not called on [rows, positions, hidden]: select from the full logits
+    return logits[at[:, at.shape[1] - logits.shape[1]:]]
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

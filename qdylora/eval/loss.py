@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.examples import IGNORE_INDEX, format_example, tokenize_example
 from ..errors import DataError
-from .common import (check_ranks, forward_logits, length_batches, model_device, pad_batch, progress_bar,
+from .common import (check_ranks, logits_at, length_batches, model_device, pad_batch, progress_bar,
                      ranks_restored, run_ranks)
 
 
@@ -57,16 +57,12 @@ def response_sums(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, label
     # a label counts only if a real token predicts it: with left padding the first token's
     # label would otherwise be "predicted" from a pad position
     valid = (target != IGNORE_INDEX) & mask[:, :-1].bool()
-    # the LM head runs only from the first position that predicts a response token
-    first = int(valid.float().argmax(dim=1).min())
-    logits = forward_logits(model, ids, mask, keep=ids.shape[1] - first)
-    offset = ids.shape[1] - logits.shape[1]
-    pred_logits = logits[:, first - offset: ids.shape[1] - 1 - offset]
-    tgt, val = target[:, first:], valid[:, first:]
-    sel = pred_logits[val].float()  # [n_response_tokens, vocab]
-    nll = F.cross_entropy(sel, tgt[val], reduction="none")
-    hit = (sel.argmax(-1) == tgt[val]).float()
-    row = val.nonzero()[:, 0]
+    at = torch.cat([valid, torch.zeros_like(valid[:, :1])], dim=1)  # the positions that predict a response token
+    sel = logits_at(model, ids, mask, at).float()  # [n_response_tokens, vocab], row-major like target[valid]
+    tgt = target[valid]
+    nll = F.cross_entropy(sel, tgt, reduction="none")
+    hit = (sel.argmax(-1) == tgt).float()
+    row = valid.nonzero()[:, 0]
     sums = torch.zeros(ids.shape[0], 3, device=ids.device)
     sums = sums.index_add(0, row, torch.stack([nll, torch.ones_like(nll), hit], dim=1))
     return sums
