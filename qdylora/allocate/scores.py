@@ -106,14 +106,20 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         factors[name] = (A, B)
         grads[name] = (torch.zeros_like(A), torch.zeros_like(B))
 
+    real = []  # the current batch's attention mask: padded positions get no gradient, so their rows are skipped
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        if real and t.shape[:2] == real[0].shape:
+            t = t[real[0]]
+        return t.reshape(-1, t.shape[-1]).float()
+
     def capture(name):
         def hook(_module, args, output):
             x = args[0].detach()
 
             def on_grad(dy):
                 A, B = factors[name]
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                dy2 = dy.reshape(-1, dy.shape[-1]).float()
+                x2, dy2 = rows(x), rows(dy)
                 grads[name][0].add_(scale * (dy2 @ B).t() @ x2)
                 grads[name][1].add_(scale * dy2.t() @ (x2 @ A.t()))
             output.register_hook(on_grad)
@@ -127,6 +133,7 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
         try:
             for batch in batches:
+                real[:] = [batch.mask.bool()]
                 loss = response_sums(model, batch.ids, batch.mask, batch.labels)[:, 0].sum() / total
                 loss.backward()
                 mean_loss += float(loss.detach())

@@ -139,14 +139,14 @@ def logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, at: torch
     if handle is None:
         first = int(at.any(0).float().argmax()) if bool(at.any()) else at.shape[1] - 1
         logits = forward_logits(model, ids, mask, keep=at.shape[1] - first)
-        return logits[at[:, at.shape[1] - logits.shape[1]:]]
-    try:
-        logits = _logits(model, ids, mask, None)
-    finally:
-        handle.remove()
-    if picked:
-        return logits.reshape(-1, logits.shape[-1])
-    # the head was not called on [rows, positions, hidden]: select from the full logits
+    else:
+        try:
+            logits = _logits(model, ids, mask, None)
+        finally:
+            handle.remove()
+        if picked:
+            return logits.reshape(-1, logits.shape[-1])
+    # no head found, or it was not called on [rows, positions, hidden]: select from the (trimmed) logits
     return logits[at[:, at.shape[1] - logits.shape[1]:]]
 
 
