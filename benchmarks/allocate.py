@@ -100,6 +100,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def sub_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a study built on this benchmark: its own options; every other one is parse_args'."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="Every other option is benchmarks/allocate.py's (--adapters, --steps ...).")
+
+
+def parse_sub(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """(the study's own options, this benchmark's options with --budgets as a list of ints)."""
+    own, rest = p.parse_known_args(argv)
+    args = parse_args(rest)
+    args.budgets = ints(args.budgets)
+    return own, args
+
+
 def ints(text: str | None) -> list[int]:
     return [int(x) for x in (text or "").split(",") if x.strip()]
 

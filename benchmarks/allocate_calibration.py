@@ -35,14 +35,11 @@ STEM = "allocate_calibration"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every other option is benchmarks/allocate.py's (--adapters, --steps ...).")
+    p = bench.sub_parser(__doc__)
     p.add_argument("--sizes", default="8,32,64", help="calibration examples N (the first N of the training split)")
     p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
-    own, rest = p.parse_known_args(argv)
-    args = bench.parse_args(rest)
+    own, args = bench.parse_sub(p, argv)
     args.sizes, args.seeds = bench.ints(own.sizes), bench.ints(own.seeds)
-    args.budgets = bench.ints(args.budgets)
     if args.smoke:
         args.sizes, args.seeds, args.budgets = [1, 2], [0], [1]
     return args

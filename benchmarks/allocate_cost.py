@@ -39,15 +39,12 @@ STEM = "allocate_cost"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every other option is benchmarks/allocate.py's (--steps, --calib, --budgets ...).")
+    p = bench.sub_parser(__doc__)
     p.add_argument("--rounds", type=int, default=3, help="rounds of (short run, long run, allocations)")
     p.add_argument("--short", type=int, default=20, help="optimizer steps of the short run")
     p.add_argument("--long", type=int, default=40, help="optimizer steps of the long run")
-    own, rest = p.parse_known_args(argv)
-    args = bench.parse_args(rest)
+    own, args = bench.parse_sub(p, argv)
     args.rounds, args.short, args.long = own.rounds, own.short, own.long
-    args.budgets = bench.ints(args.budgets)
     if args.smoke:
         args.rounds, args.short, args.long, args.budgets = 1, 2, 4, [1]
     if not 0 < args.short < args.long:
