@@ -84,3 +84,28 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match="4 processes were launched on a machine with 2 GPU"):
         training_device()
+
+
+def test_one_main_process_and_a_real_barrier_before_the_trainer_starts(tmp_path):
+    """Before any Trainer exists (where the run folder is written), exactly rank 0 is the main process and the
+    barrier waits for the slowest process: rank 1 arrives 2 s late, rank 0 leaves after it arrived."""
+    script = tmp_path / "who.py"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "from qdylora.train.processes import barrier, is_main\n"
+        "rank = int(os.environ['RANK'])\n"
+        "main = is_main()\n"
+        "if rank == 1:\n"
+        "    time.sleep(2)\n"
+        "arrived = time.time()\n"
+        "barrier()\n"
+        "left = time.time()\n"
+        "json.dump({'main': main, 'arrived': arrived, 'left': left}, open(sys.argv[1] + f'/who_{rank}.json', 'w'))\n")
+    from launch import TORCHRUN, env
+
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+                           str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    who = [json.loads((tmp_path / f"who_{r}.json").read_text()) for r in (0, 1)]
+    assert [w["main"] for w in who] == [True, False]
+    assert who[0]["left"] >= who[1]["arrived"]

@@ -32,15 +32,35 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _group():
+    """torch.distributed once this process has joined the launcher's group, else None.
+
+    The group's own rank and barrier, not accelerate's state: on CPU, accelerate joins the gloo group but reports
+    DistributedType.NO (every process "main", its barrier a no-op) until the Trainer resets it with cpu=True,
+    and the run folder is written before that.
+    """
+    import torch.distributed as dist
+
+    _state()
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def is_main() -> bool:
     """True in the process that writes the run folder."""
-    return world_size() == 1 or _state().is_main_process
+    if world_size() == 1:
+        return True
+    group = _group()
+    return group.get_rank() == 0 if group is not None else _state().is_main_process
 
 
 def barrier() -> None:
     """Wait until every process got here (nothing to wait for in a single process)."""
     if world_size() > 1:
-        _state().wait_for_everyone()
+        group = _group()
+        if group is not None:
+            group.barrier()
+        else:
+            _state().wait_for_everyone()
 
 
 def training_device() -> torch.device:
