@@ -195,6 +195,16 @@ def pattern_view(ranks: dict, costs: dict) -> dict:
             "modules_off": sum(1 for r in ranks.values() if r == 0), "max_rank": max(ranks.values())}
 
 
+def taylor_pattern(model, calib, R: int, budget: int) -> tuple[dict, float]:
+    """(ranks, seconds) of the taylor allocation at reference rank R under `budget` values."""
+    from qdylora.allocate.greedy import greedy_allocate
+    from qdylora.allocate.scores import taylor_scores
+
+    t0 = time.perf_counter()
+    ranks = greedy_allocate(taylor_scores(model, calib, R), budget)
+    return ranks, time.perf_counter() - t0
+
+
 def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: list[str], loss_budgets: list[int]) -> dict:
     """Patterns of every score at every budget, each timed (taylor and gradnorm share one gradient pass, counted in
     each one's seconds)."""

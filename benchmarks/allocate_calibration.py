@@ -45,16 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def taylor_pattern(model, calib, R: int, budget: int) -> tuple[dict, float]:
-    """(ranks, seconds) of the taylor allocation at reference rank R under `budget` values."""
-    from qdylora.allocate.greedy import greedy_allocate
-    from qdylora.allocate.scores import taylor_scores
-
-    t0 = time.perf_counter()
-    ranks = greedy_allocate(taylor_scores(model, calib, R), budget)
-    return ranks, time.perf_counter() - t0
-
-
 def measure_run(model, train_recs, held, tok, args) -> dict:
     """Per budget: the uniform rank's held-out loss and, per calibration size, the pattern's and its seconds."""
     from qdylora.adapters.attach import module_layers
@@ -68,7 +58,7 @@ def measure_run(model, train_recs, held, tok, args) -> dict:
         patterns, seconds, tokens = {}, {}, {}
         for n in args.sizes:
             calib = calibration_batches(train_recs[:n], tok, args.max_seq_len, args.eval_batch_size)
-            patterns[n], seconds[n] = taylor_pattern(model, calib, R, R * total)
+            patterns[n], seconds[n] = bench.taylor_pattern(model, calib, R, R * total)
             tokens[n] = sum(b.tokens for b in calib)
         configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
         losses = bench.heldout_losses(model, held, configs)

@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,9 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def one_round(base, tok, dataset, calib, args) -> dict:
     """Seconds of the short and long runs and of the taylor allocation at every budget."""
     from qdylora.adapters.attach import module_layers
-    from qdylora.allocate.greedy import greedy_allocate
-    from qdylora.allocate.scores import taylor_scores
-
     runs = {}
     for steps in (args.short, args.long):
         model = bench.attach_qdylora(copy.deepcopy(base), args, args.main, args.seed)
@@ -66,9 +62,7 @@ def one_round(base, tok, dataset, calib, args) -> dict:
     total = sum(layer.in_features + layer.out_features for layer in module_layers(model).values())
     alloc = {}
     for R in args.budgets:
-        t0 = time.perf_counter()
-        greedy_allocate(taylor_scores(model, calib, R), R * total)
-        alloc[str(R)] = round(time.perf_counter() - t0, 2)
+        alloc[str(R)] = round(bench.taylor_pattern(model, calib, R, R * total)[1], 2)
         print(f"  taylor R={R}: {alloc[str(R)]:.1f} s", flush=True)
     per_step = (runs[args.long] - runs[args.short]) / (args.long - args.short)
     train = runs[args.short] + (args.steps - args.short) * per_step

@@ -11,7 +11,8 @@ import time
 
 import pytest
 import torch
-from launch import PROBE, check_frozen_untouched, check_one_writer, launch, log, needs_torchrun, run, settings
+from launch import (PROBE, TORCHRUN, check_frozen_untouched, check_one_writer, env, launch, log, needs_torchrun,
+                    run, settings)
 from safetensors.torch import load_file
 
 from qdylora.adapters.rank_sampler import RankSampler
@@ -101,8 +102,6 @@ def test_one_main_process_and_a_real_barrier_before_the_trainer_starts(tmp_path)
         "barrier()\n"
         "left = time.time()\n"
         "json.dump({'main': main, 'arrived': arrived, 'left': left}, open(sys.argv[1] + f'/who_{rank}.json', 'w'))\n")
-    from launch import TORCHRUN, env
-
     proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
                            str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -106,11 +106,11 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         factors[name] = (A, B)
         grads[name] = (torch.zeros_like(A), torch.zeros_like(B))
 
-    real = []  # the current batch's attention mask: padded positions get no gradient, so their rows are skipped
+    real = None  # the current batch's attention mask: padded positions get no gradient, so their rows are skipped
 
     def rows(t: torch.Tensor) -> torch.Tensor:
-        if real and t.shape[:2] == real[0].shape:
-            t = t[real[0]]
+        if real is not None and t.shape[:2] == real.shape:
+            t = t[real]
         return t.reshape(-1, t.shape[-1]).float()
 
     def capture(name):
@@ -133,7 +133,7 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
         try:
             for batch in batches:
-                real[:] = [batch.mask.bool()]
+                real = batch.mask.bool()
                 loss = response_sums(model, batch.ids, batch.mask, batch.labels)[:, 0].sum() / total
                 loss.backward()
                 mean_loss += float(loss.detach())
