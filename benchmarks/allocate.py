@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-runs", action="store_true",
                    help="keep the runs trained here in --work-dir, named as --adapters finds them again")
     p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--stem", default=STEM, help="results file names (e.g. allocate_400 for a --steps 400 run)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     p.add_argument("--adapters", default=None, metavar="DIR",
                    help="take the runs benchmarks/rank_sampling.py trained (its work-dir names, e.g. "
@@ -195,13 +196,13 @@ def pattern_view(ranks: dict, costs: dict) -> dict:
             "modules_off": sum(1 for r in ranks.values() if r == 0), "max_rank": max(ranks.values())}
 
 
-def taylor_pattern(model, calib, R: int, budget: int) -> tuple[dict, float]:
-    """(ranks, seconds) of the taylor allocation at reference rank R under `budget` values."""
+def taylor_pattern(model, calib, R: int, budget: int, reference: int | None = None) -> tuple[dict, float]:
+    """(ranks, seconds) of the taylor allocation at reference rank `reference` (default R) under `budget` values."""
     from qdylora.allocate.greedy import greedy_allocate
     from qdylora.allocate.scores import taylor_scores
 
     t0 = time.perf_counter()
-    ranks = greedy_allocate(taylor_scores(model, calib, R), budget)
+    ranks = greedy_allocate(taylor_scores(model, calib, reference or R), budget)
     return ranks, time.perf_counter() - t0
 
 
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
                    "loss_calib_tokens": sum(b.tokens for b in loss_calib)},
         "runs": {}, "lora": {},
     }
-    previous = out_dir / f"{STEM}.json"
+    previous = out_dir / f"{args.stem}.json"
     if args.resume and previous.is_file():
         old = json.loads(previous.read_text())
         results.update(runs=old.get("runs", {}), lora=old.get("lora", {}))
@@ -392,12 +393,12 @@ def main(argv=None) -> int:
                                         "uniform_heldout": evaluate_uniform(model, held, args.r_max)}
         results["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
         results["summary"] = summarise(results)
-        save(results, out_dir)
+        save(results, out_dir, args.stem)
         del model
     results["complete"] = True
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     results["summary"] = summarise(results)
-    save(results, out_dir)
+    save(results, out_dir, args.stem)
     if not args.smoke and not args.keep_runs:
         shutil.rmtree(args.work_dir, ignore_errors=True)
     print(markdown(results))

@@ -4,8 +4,9 @@ On benchmarks/allocate.py's main runs (the default rule at seeds 0 and 1; its se
 held-out examples), `taylor`'s pattern at each budget of average rank R is chosen from the first N training
 examples for every N in --sizes and compared on held-out loss with the uniform rank R of the same run. Each
 allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
+`--reference r_max` scores at the full rank instead of R (what gradients collected while training would give).
 
-Writes benchmarks/results/allocate_calibration.{json,md,png}.
+Writes benchmarks/results/allocate_calibration.{json,md,png} (--stem: other names).
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
     python benchmarks/allocate_calibration.py --adapters DIR         # runs kept by allocate.py --keep-runs
@@ -38,8 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = bench.sub_parser(__doc__)
     p.add_argument("--sizes", default="8,32,64", help="calibration examples N (the first N of the training split)")
     p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
+    p.add_argument("--reference", default="R", choices=("R", "r_max"),
+                   help="taylor's reference rank: the budget's R (qdylora allocate's) or r_max")
     own, args = bench.parse_sub(p, argv)
     args.sizes, args.seeds = bench.ints(own.sizes), bench.ints(own.seeds)
+    args.reference = own.reference
+    if args.stem == bench.STEM:
+        args.stem = STEM
     if args.smoke:
         args.sizes, args.seeds, args.budgets = [1, 2], [0], [1]
     return args
@@ -58,7 +64,8 @@ def measure_run(model, train_recs, held, tok, args) -> dict:
         patterns, seconds, tokens = {}, {}, {}
         for n in args.sizes:
             calib = calibration_batches(train_recs[:n], tok, args.max_seq_len, args.eval_batch_size)
-            patterns[n], seconds[n] = bench.taylor_pattern(model, calib, R, R * total)
+            reference = args.r_max if args.reference == "r_max" else R
+            patterns[n], seconds[n] = bench.taylor_pattern(model, calib, R, R * total, reference)
             tokens[n] = sum(b.tokens for b in calib)
         configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
         losses = bench.heldout_losses(model, held, configs)
@@ -93,7 +100,8 @@ def markdown(res: dict) -> str:
     sizes = list(next(iter(next(iter(runs.values()))["budgets"].values()))["by_size"])
     lines = [f"# taylor allocation against calibration size ({res['machine']})", "",
              f"{res['config']['model']}; default-rule runs, {res['config']['steps']} steps x batch "
-             f"{res['config']['batch_size']}; held-out: {res['config']['n_heldout']} examples. Cells: held-out loss "
+             f"{res['config']['batch_size']}; held-out: {res['config']['n_heldout']} examples; taylor at reference "
+             f"rank {res['config'].get('reference', 'R')}. Cells: held-out loss "
              "of taylor's pattern minus the uniform rank R of the same run, per seed (negative: the pattern wins); "
              "the seeds' spread is the run-to-run noise of the gain.", "",
              "| R | uniform (" + ", ".join(f"s{r['seed']}" for r in runs.values()) + ") | "
@@ -140,12 +148,12 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def save(res: dict, out_dir: Path) -> None:
+def save(res: dict, out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     res["summary"] = summarise(res)
-    (out_dir / f"{STEM}.json").write_text(json.dumps(res, indent=1))
-    (out_dir / f"{STEM}.md").write_text(markdown(res))
-    plot(res, out_dir / f"{STEM}.png")
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(res))
+    plot(res, out_dir / f"{stem}.png")
 
 
 def main(argv=None) -> int:
@@ -174,7 +182,7 @@ def main(argv=None) -> int:
                                                "trained_by": arm.get("trained_by", "this script"),
                                                "budgets": measure_run(model, train_recs, held, tok, args)}
         res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
-        save(res, out_dir)
+        save(res, out_dir, args.stem)
         del model
     print(markdown(res))
     return 0

@@ -99,11 +99,12 @@ def room(run: dict, R: str) -> float | None:
     return round(uni[R] - min(v for r, v in uni.items() if int(r) >= int(R)), 5)
 
 
-def save(results: dict, out_dir: Path) -> None:
+def save(results: dict, out_dir: Path, stem: str = STEM) -> None:
+    """stem.json, stem.md and stem.png in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{STEM}.json").write_text(json.dumps(results, indent=2))
-    (out_dir / f"{STEM}.md").write_text(markdown(results))
-    plot(results, out_dir / f"{STEM}.png")
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{stem}.md").write_text(markdown(results))
+    plot(results, out_dir / f"{stem}.png")
 
 
 def _cell(v) -> str:
