@@ -124,6 +124,25 @@ def test_greedy_picks_the_hand_computed_pattern():
     assert greedy_allocate(_table([[0, 0], [-1, 2]], [1, 1]), 10) == {"m0": 0, "m1": 2}
 
 
+def test_greedy_with_a_floor_keeps_every_module_on():
+    # m0 [5, 5, 5], m1 [.1, 0, 0], m2 [1, .5, 0], costs 1, budget 5. From 0: m0 -> 3 (5 per value), m2 -> 1 (1),
+    # m2 -> 2 (.5 beats m1's .1): m1 stays off. With min_rank 1 every module starts at 1 (3 values), and the 2
+    # values left go to m0 -> 3 (5 per value).
+    t = _table([[5, 5, 5], [.1, 0, 0], [1, .5, 0]], [1, 1, 1])
+    assert greedy_allocate(t, 5) == {"m0": 3, "m1": 0, "m2": 2}
+    assert greedy_allocate(t, 5, min_rank=1) == {"m0": 3, "m1": 1, "m2": 1}
+    assert greedy_allocate(t, 3, min_rank=1) == {"m0": 1, "m1": 1, "m2": 1}
+    # the floor is the smallest allowed rank >= min_rank: with r_min = 2, min_rank 1 starts every module at 2
+    assert greedy_allocate(_table([[5, 5, 5], [1, 1, 1]], [1, 1], [[0, 2, 3]] * 2), 5, min_rank=1) == \
+        {"m0": 3, "m1": 2}
+    with pytest.raises(ConfigError, match="--min-rank 1 needs 3 values on these modules, more than the budget of 2"):
+        greedy_allocate(t, 2, min_rank=1)
+    with pytest.raises(ConfigError, match="--min-rank 4 is above the adapter's r_max 3"):
+        greedy_allocate(t, 9, min_rank=4)
+    with pytest.raises(ConfigError, match="--min-rank -1 must be an integer >= 0"):
+        greedy_allocate(t, 9, min_rank=-1)
+
+
 def test_greedy_stays_within_budget_in_prefix_order():
     g = torch.Generator().manual_seed(0)
     gains = torch.rand(30, 16, generator=g, dtype=torch.float64)

@@ -36,7 +36,7 @@ def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
     text = capsys.readouterr().out
     p = json.loads(pattern.read_text())
     assert set(p) == {"ranks", "params", "budget", "score", "source"} and p["score"] == score
-    assert p["budget"] == {"params": 2 * COST, "avg_rank": 2.0}
+    assert p["budget"] == {"params": 2 * COST, "avg_rank": 2.0, "min_rank": 0}
     assert len(p["ranks"]) == 14 and all(r in range(9) for r in p["ranks"].values())
     assert p["params"] <= 2 * COST
     assert p["source"]["uniform_rank"] == 2 and p["source"]["calibration_examples"] == 2
@@ -45,6 +45,16 @@ def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
         assert line in text, text
     if score == "gradnorm":
         assert set(p["ranks"].values()) <= {0, 4}
+
+
+def test_min_rank_keeps_every_module_on(run, tmp_path, capsys):
+    out, data = run
+    pattern = tmp_path / "p.json"
+    assert main(["allocate", str(out), "--avg-rank", "2", "--data", str(data), "--output", str(pattern),
+                 "--limit", "2", "--min-rank", "1"]) == 0
+    assert "every module at rank >= 1" in capsys.readouterr().out
+    p = json.loads(pattern.read_text())
+    assert min(p["ranks"].values()) >= 1 and p["params"] <= 2 * COST and p["budget"]["min_rank"] == 1
 
 
 def test_pattern_through_export_and_sweep(run, tmp_path, capsys):
@@ -77,6 +87,11 @@ BAD = [
     (["--avg-rank", "nan"], "must be a number in (0, 8]"),
     (["--avg-rank", "2", "--limit", "0"], "--limit 0 must be an integer >= 1"),
     (["--avg-rank", "2", "--score", "random"], "invalid choice: 'random'"),
+    (["--avg-rank", "2", "--min-rank", "3"], "--min-rank 3 needs 6,144 values on these modules, more than the "
+                                              "budget of 4,096; lower --min-rank or raise the budget"),
+    (["--avg-rank", "8", "--min-rank", "9"], "--min-rank 9 is above the adapter's r_max 8"),
+    (["--avg-rank", "2", "--min-rank", "-1"], "--min-rank -1 must be an integer >= 0"),
+    (["--avg-rank", "2", "--min-rank", "1", "--score", "gradnorm"], "--min-rank does not apply to --score gradnorm"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 A score table gives, for every module m, the gain g[m, k] of keeping component k on top of components
 0..k-1 (DyLoRA's components are ordered, so a module keeps a prefix) and its cost c_m = in_m + out_m
-adapter values per component. The greedy starts from rank 0 everywhere and repeatedly takes the move
+adapter values per component. The greedy starts from rank 0 everywhere (or from a floor, `min_rank`: every
+module keeps at least that many components, so none is switched off) and repeatedly takes the move
 (module m from rank k to an allowed rank j > k) with the largest gain per value,
 (sum_{k <= i < j} g[m, i]) / ((j - k) c_m), among those that still fit the budget; a move ends at any
 allowed rank, so a strong component behind weak ones is reached together with the ones before it (the
@@ -90,14 +91,35 @@ def _best_move(prefix: torch.Tensor, allowed: list[int], k: int, cost: int, rema
     return best
 
 
-def greedy_allocate(table: ScoreTable, budget: int) -> dict[str, int]:
-    """Ranks {module: rank} with sum(rank * cost) <= budget, chosen by the greedy of this module's docstring."""
+def floor_ranks(allowed: Sequence[Sequence[int]], costs: Sequence[int], budget: int, min_rank: int) -> list[int]:
+    """Each module's smallest allowed rank >= min_rank, checked against the budget (one ConfigError line)."""
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
+        raise ConfigError(f"--min-rank {min_rank!r} must be an integer >= 0")
+    if min_rank == 0:
+        return [0] * len(costs)
+    ranks = []
+    for ok in allowed:
+        above = [r for r in ok if r >= min_rank]
+        if not above:
+            raise ConfigError(f"--min-rank {min_rank} is above the adapter's r_max {max(ok)}; give a rank in "
+                              f"[0, {max(ok)}]")
+        ranks.append(above[0])
+    need = sum(r * c for r, c in zip(ranks, costs))
+    if need > budget:
+        raise ConfigError(f"--min-rank {min_rank} needs {need:,} values on these modules, more than the budget of "
+                          f"{budget:,}; lower --min-rank or raise the budget")
+    return ranks
+
+
+def greedy_allocate(table: ScoreTable, budget: int, min_rank: int = 0) -> dict[str, int]:
+    """Ranks {module: rank} with sum(rank * cost) <= budget, each >= min_rank, chosen by the greedy of this module's
+    docstring."""
     if budget < 0:
         raise ConfigError(f"budget {budget} must be >= 0")
     gains = table.gains.to(torch.float64)
     prefix = torch.cat([torch.zeros(gains.shape[0], 1, dtype=torch.float64), gains.cumsum(1)], dim=1)
-    ranks = [0] * len(table.names)
-    remaining = budget
+    ranks = floor_ranks(table.allowed, table.costs, budget, min_rank)
+    remaining = budget - sum(r * c for r, c in zip(ranks, table.costs))
     heap: list = []
 
     def push(m: int) -> None:

@@ -16,7 +16,7 @@ from ..adapters.attach import module_layers, qdylora_config_of
 from ..errors import ConfigError, DataError
 from ..eval.common import model_device
 from .calib import CalibBatch, config_losses
-from .greedy import ScoreTable, budget_params, greedy_allocate, uniform_rank
+from .greedy import ScoreTable, budget_params, default_allowed, floor_ranks, greedy_allocate, uniform_rank
 from .pattern import RankPattern, costs_from_tensors, pattern_params, write_pattern
 from .report import rank_table
 from .scores import SCORES, compute_scores
@@ -41,7 +41,8 @@ class Allocation:
         where = "data-free" if p.score == "norm" else f"at reference rank {info.get('reference')}"
         lines = [f"score {p.score} ({where}): {self.seconds['scores']:.1f} s (greedy {self.seconds['greedy']:.2f} s)",
                  "ranks per module type x layer ('.' = off):", rank_table(p.ranks),
-                 f"parameters: {p.params:,} of a budget of {self.budget:,} ({100 * p.params / self.budget:.1f}%)"]
+                 f"parameters: {p.params:,} of a budget of {self.budget:,} ({100 * p.params / self.budget:.1f}%)"
+                 + (f", every module at rank >= {p.budget['min_rank']}" if p.budget.get("min_rank") else "")]
         if self.uniform_rank is not None:
             lines.append(f"uniform rank {self.uniform_rank} everywhere: {p.source['uniform_params']:,} parameters")
             lines.append(f"calibration loss: pattern {self.pattern_loss:.4f}, uniform rank {self.uniform_rank} "
@@ -53,8 +54,9 @@ class Allocation:
 
 def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int, score: str = "taylor",
                    avg_rank: float | None = None, grid: Sequence[int] | None = None, progress: bool = True,
-                   source: dict[str, Any] | None = None) -> Allocation:
-    """Scores, greedy allocation and calibration losses (pattern, uniform rank) for a loaded qdylora model."""
+                   source: dict[str, Any] | None = None, min_rank: int = 0) -> Allocation:
+    """Scores, greedy allocation (every module at min_rank or more) and calibration losses (pattern, uniform rank)
+    for a loaded qdylora model."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
     costs = {n: layer.in_features + layer.out_features for n, layer in layers.items()}
@@ -62,7 +64,7 @@ def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int,
     reference = uniform or cfg.r_min
     table = compute_scores(score, model, batches, reference, grid=grid, progress=progress)
     t0 = time.perf_counter()
-    ranks = greedy_allocate(table, budget)
+    ranks = greedy_allocate(table, budget, min_rank)
     greedy_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # the scores' reference pass ran at the uniform rank on these batches: its loss is the uniform rank's
@@ -89,7 +91,8 @@ def allocate_model(model: nn.Module, batches: Sequence[CalibBatch], budget: int,
     if score == "gradnorm":
         src["on_rank"] = table.info["on_rank"]
     pattern = RankPattern(ranks=ranks, params=pattern_params(ranks, costs),
-                          budget={"params": budget, "avg_rank": avg_rank}, score=score, source=src)
+                          budget={"params": budget, "avg_rank": avg_rank, "min_rank": min_rank}, score=score,
+                          source=src)
     return Allocation(pattern, table, budget, uniform, losses[0], losses[1] if uniform is not None else None, seconds)
 
 
@@ -123,7 +126,7 @@ def load_calibration(data: str, limit: int | None) -> list[dict]:
 def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_rank: float | None = None,
              params: int | None = None, score: str = "taylor", limit: int | None = 16, model: str | None = None,
              max_seq_len: int | None = None, batch_size: int = 4, grid: Sequence[int] | None = None,
-             overwrite: bool = False, progress: bool = True) -> Allocation:
+             overwrite: bool = False, progress: bool = True, min_rank: int = 0) -> Allocation:
     """Load the run's adapter, allocate ranks under the budget and write the pattern JSON to `output`.
 
     Every input is checked before the model loads; nothing is written before the pattern is ready.
@@ -141,6 +144,10 @@ def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_r
     cfg = adapter_config(meta, str(adapter_dir))
     costs = costs_from_tensors(list(meta["targets"]), tensors)
     budget = budget_params(costs, cfg, avg_rank=avg_rank, params=params)
+    if min_rank and score == "gradnorm":
+        raise ConfigError("--min-rank does not apply to --score gradnorm (it switches whole modules on or off); "
+                          "use taylor, loss or norm")
+    floor_ranks([default_allowed(cfg)] * len(costs), list(costs.values()), budget, min_rank)
     output = Path(output)
     check_pattern_output(output, adapter_dir, overwrite)
     if batch_size < 1:
@@ -154,7 +161,7 @@ def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_r
     batches = calibration_batches(records, tokenizer, max_seq_len, batch_size, model_device(peft_model))
     source = {"adapter": str(adapter_dir.resolve()), "base_model": base_name, "data": str(data), "limit": limit,
               "max_seq_len": max_seq_len}
-    result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source)
+    result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source, min_rank)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_pattern(result.pattern, output)
     return result

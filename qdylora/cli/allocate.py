@@ -28,6 +28,9 @@ def register(sub) -> argparse.ArgumentParser:
                    help="loss: measured loss of every truncation (exact, costly); taylor: |p * dL/dp| from one "
                         "backward pass; norm: each component's share of B A (data-free); gradnorm: gradient norm "
                         "per module, modules on or off (default %(default)s)")
+    p.add_argument("--min-rank", type=int, default=0,
+                   help="every module keeps at least this many components (0: the allocation may switch modules "
+                        "off; default %(default)s)")
     p.add_argument("--limit", type=int, default=16, help="calibration examples used (default %(default)s)")
     p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -48,7 +51,7 @@ def _run_allocate(args) -> int:
         check_int("--max-seq-len", args.max_seq_len, 1, "--max-seq-len")
     result = allocate(args.run, args.output, args.data, avg_rank=args.avg_rank, params=args.params,
                       score=args.score, limit=args.limit, model=args.model, max_seq_len=args.max_seq_len,
-                      batch_size=args.batch_size, overwrite=args.overwrite)
+                      batch_size=args.batch_size, overwrite=args.overwrite, min_rank=args.min_rank)
     print(result.summary())
     print(f"wrote {args.output}")
     return 0
