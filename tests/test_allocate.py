@@ -13,7 +13,8 @@ from helpers import tiny_nf4
 from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.allocate.calib import CalibBatch, config_losses
-from qdylora.allocate.greedy import ScoreTable, budget_params, default_allowed, greedy_allocate, uniform_rank
+from qdylora.allocate.greedy import (ScoreTable, budget_params, default_allowed, default_min_rank, greedy_allocate,
+                                     uniform_rank)
 from qdylora.allocate.pattern import check_pattern, parse_pattern, pattern_params, read_pattern
 from qdylora.allocate.scores import (gradnorm_scores, loss_scores, norm_scores, reference_gradients,
                                      taylor_scores)
@@ -174,6 +175,10 @@ def test_budgets_and_uniform_ranks():
         with pytest.raises(ConfigError, match="--avg-rank|--params"):
             budget_params(costs, cfg, **bad)
     assert default_allowed(cfg) == [0, 2, 3, 4, 5, 6, 7, 8]
+    # the default floor: 1 when every module at r_min (2 x 40 values) takes at most half the budget
+    assert default_min_rank(160, costs, cfg) == 1 and default_min_rank(159, costs, cfg) == 0
+    assert default_min_rank(80, costs, QDyLoRAConfig(r_min=1, r_max=8)) == 1
+    assert default_min_rank(79, costs, QDyLoRAConfig(r_min=1, r_max=8)) == 0
 
 
 # scores ------------------------------------------------------------------------------------------------
@@ -299,7 +304,7 @@ def test_allocation_reports_the_calibration_losses_of_pattern_and_uniform_rank(m
         uniform_loss = float(_mean_loss(check, batches))
     wins = []
     for scored in patterns:
-        monkeypatch.setattr(run_mod, "greedy_allocate", lambda table, b, scored=scored: dict(scored))
+        monkeypatch.setattr(run_mod, "greedy_allocate", lambda table, b, k=0, scored=scored: dict(scored))
         set_rank(check, scored)
         with torch.no_grad():
             scored_loss = float(_mean_loss(check, batches))

@@ -36,7 +36,8 @@ def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
     text = capsys.readouterr().out
     p = json.loads(pattern.read_text())
     assert set(p) == {"ranks", "params", "budget", "score", "source"} and p["score"] == score
-    assert p["budget"] == {"params": 2 * COST, "avg_rank": 2.0, "min_rank": 0}
+    # the default floor: 1 from a budget of twice rank 1 everywhere on (gradnorm switches whole modules: 0)
+    assert p["budget"] == {"params": 2 * COST, "avg_rank": 2.0, "min_rank": 0 if score == "gradnorm" else 1}
     assert len(p["ranks"]) == 14 and all(r in range(9) for r in p["ranks"].values())
     assert p["params"] <= 2 * COST
     assert p["source"]["uniform_rank"] == 2 and p["source"]["calibration_examples"] == 2
@@ -50,11 +51,15 @@ def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
 def test_min_rank_keeps_every_module_on(run, tmp_path, capsys):
     out, data = run
     pattern = tmp_path / "p.json"
-    assert main(["allocate", str(out), "--avg-rank", "2", "--data", str(data), "--output", str(pattern),
-                 "--limit", "2", "--min-rank", "1"]) == 0
-    assert "every module at rank >= 1" in capsys.readouterr().out
+    assert main(["allocate", str(out), "--avg-rank", "3", "--data", str(data), "--output", str(pattern),
+                 "--limit", "2", "--min-rank", "2"]) == 0
+    assert "every module at rank >= 2" in capsys.readouterr().out
     p = json.loads(pattern.read_text())
-    assert min(p["ranks"].values()) >= 1 and p["params"] <= 2 * COST and p["budget"]["min_rank"] == 1
+    assert min(p["ranks"].values()) >= 2 and p["params"] <= 3 * COST and p["budget"]["min_rank"] == 2
+    # below twice rank 1 everywhere the default lets modules go: min_rank 0
+    assert main(["allocate", str(out), "--avg-rank", "1.5", "--data", str(data), "--output", str(pattern),
+                 "--limit", "2", "--overwrite"]) == 0
+    assert json.loads(pattern.read_text())["budget"]["min_rank"] == 0
 
 
 def test_pattern_through_export_and_sweep(run, tmp_path, capsys):

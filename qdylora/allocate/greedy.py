@@ -91,6 +91,12 @@ def _best_move(prefix: torch.Tensor, allowed: list[int], k: int, cost: int, rema
     return best
 
 
+def default_min_rank(budget: int, costs: Mapping[str, int], config: QDyLoRAConfig) -> int:
+    """1 (no module switched off) when every module at its smallest rank takes at most half the budget, else 0:
+    the better of the two on the allocation benchmark (benchmarks/results/allocate_floor_*.md)."""
+    return 1 if 2 * config.r_min * total_cost(costs) <= budget else 0
+
+
 def floor_ranks(allowed: Sequence[Sequence[int]], costs: Sequence[int], budget: int, min_rank: int) -> list[int]:
     """Each module's smallest allowed rank >= min_rank, checked against the budget (one ConfigError line)."""
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:

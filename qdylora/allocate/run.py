@@ -16,7 +16,8 @@ from ..adapters.attach import module_layers, qdylora_config_of
 from ..errors import ConfigError, DataError
 from ..eval.common import model_device
 from .calib import CalibBatch, config_losses
-from .greedy import ScoreTable, budget_params, default_allowed, floor_ranks, greedy_allocate, uniform_rank
+from .greedy import (ScoreTable, budget_params, default_allowed, default_min_rank, floor_ranks, greedy_allocate,
+                     uniform_rank)
 from .pattern import RankPattern, costs_from_tensors, pattern_params, write_pattern
 from .report import rank_table
 from .scores import SCORES, compute_scores
@@ -126,8 +127,9 @@ def load_calibration(data: str, limit: int | None) -> list[dict]:
 def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_rank: float | None = None,
              params: int | None = None, score: str = "taylor", limit: int | None = 16, model: str | None = None,
              max_seq_len: int | None = None, batch_size: int = 4, grid: Sequence[int] | None = None,
-             overwrite: bool = False, progress: bool = True, min_rank: int = 0) -> Allocation:
-    """Load the run's adapter, allocate ranks under the budget and write the pattern JSON to `output`.
+             overwrite: bool = False, progress: bool = True, min_rank: int | None = None) -> Allocation:
+    """Load the run's adapter, allocate ranks under the budget and write the pattern JSON to `output`
+    (min_rank None: default_min_rank for taylor, loss and norm; 0 for gradnorm).
 
     Every input is checked before the model loads; nothing is written before the pattern is ready.
     """
@@ -144,6 +146,8 @@ def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str, avg_r
     cfg = adapter_config(meta, str(adapter_dir))
     costs = costs_from_tensors(list(meta["targets"]), tensors)
     budget = budget_params(costs, cfg, avg_rank=avg_rank, params=params)
+    if min_rank is None:
+        min_rank = 0 if score == "gradnorm" else default_min_rank(budget, costs, cfg)
     if min_rank and score == "gradnorm":
         raise ConfigError("--min-rank does not apply to --score gradnorm (it switches whole modules on or off); "
                           "use taylor, loss or norm")

@@ -28,9 +28,9 @@ def register(sub) -> argparse.ArgumentParser:
                    help="loss: measured loss of every truncation (exact, costly); taylor: |p * dL/dp| from one "
                         "backward pass; norm: each component's share of B A (data-free); gradnorm: gradient norm "
                         "per module, modules on or off (default %(default)s)")
-    p.add_argument("--min-rank", type=int, default=0,
+    p.add_argument("--min-rank", type=int, default=None,
                    help="every module keeps at least this many components (0: the allocation may switch modules "
-                        "off; default %(default)s)")
+                        "off; default: 1 when that takes at most half the budget, e.g. from --avg-rank 2 up, else 0)")
     p.add_argument("--limit", type=int, default=16, help="calibration examples used (default %(default)s)")
     p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
     p.add_argument("--max-seq-len", type=int, default=None,
