@@ -93,8 +93,8 @@ def markdown(res: dict) -> str:
              f"{cfg['model']}; default-rule runs, {cfg['steps']} steps x batch {cfg['batch_size']}; held-out: "
              f"{cfg['n_heldout']} examples; calibration: the first {cfg['calib']} training examples. Cells: held-out "
              "loss of the pattern minus the uniform rank R of the same run, per seed (negative: the pattern wins), "
-             "the seeds' spread, and 'beats noise' when every gain is below minus the spread. Min 0 is "
-             "`qdylora allocate`'s default (modules may be switched off).", "",
+             "the seeds' spread, and 'beats noise' when every gain is below minus the spread. Min 0: the plain "
+             "greedy (modules may be switched off); `qdylora allocate` uses min 1 from R = 2 on, min 0 below.", "",
              "| R | uniform (" + ", ".join(f"s{r['seed']}" for r in res["runs"].values()) + ") | "
              + " | ".join(f"min {k}" for k in floors) + " |", "|---|---|" + "---|" * len(floors)]
     for R, per in summ.items():
