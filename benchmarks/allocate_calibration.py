@@ -120,28 +120,13 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (R, per) in enumerate(res["summary"]["per_budget"].items()):
+    series = []
+    for R, per in res["summary"]["per_budget"].items():
         sizes = [int(n) for n in per]
-        colour = f"C{i}"
-        ax.plot(sizes, [per[str(n)]["mean_delta"] for n in sizes], "-o", color=colour, label=f"R = {R} (mean)")
-        for run in res["runs"].values():
-            ax.plot(sizes, [run["budgets"][R]["by_size"][str(n)]["delta"] for n in sizes], "x", color=colour,
-                    alpha=0.6)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("calibration examples N")
-    ax.set_ylabel("held-out loss: taylor pattern - uniform rank R")
-    ax.set_title("taylor allocation vs calibration size (x: each seed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        seeds = [[run["budgets"][R]["by_size"][str(n)]["delta"] for n in sizes] for run in res["runs"].values()]
+        series.append((f"R = {R} (mean)", sizes, [per[str(n)]["mean_delta"] for n in sizes], seeds))
+    study.gain_plot(path, series, "calibration examples N", "held-out loss: taylor pattern - uniform rank R",
+                    "taylor allocation vs calibration size (x: each seed)")
 
 
 def main(argv=None) -> int:

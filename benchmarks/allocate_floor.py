@@ -113,29 +113,14 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    floors = sorted({k for per in res["summary"].values() for k in per}, key=int)
-    for i, k in enumerate(floors):
-        Rs = [R for R in res["summary"] if k in res["summary"][R]]
-        ax.plot([int(R) for R in Rs], [res["summary"][R][k]["mean_gain"] for R in Rs], "-o", color=f"C{i}",
-                label=f"min rank {k} (mean over seeds)")
-        for run in res["runs"].values():
-            ax.plot([int(R) for R in Rs], [run["budgets"][R]["by_floor"][k]["gain"] for R in Rs], "x",
-                    color=f"C{i}", alpha=0.6)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("budget: average rank R")
-    ax.set_ylabel("held-out loss: pattern - uniform rank R")
-    ax.set_title(f"taylor patterns with a floor, {res['config']['steps']} steps (x: each seed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    summ = res["summary"]
+    series = []
+    for k in sorted({k for per in summ.values() for k in per}, key=int):
+        Rs = [R for R in summ if k in summ[R]]
+        series.append((f"min rank {k} (mean over seeds)", [int(R) for R in Rs], [summ[R][k]["mean_gain"] for R in Rs],
+                       [[run["budgets"][R]["by_floor"][k]["gain"] for R in Rs] for run in res["runs"].values()]))
+    study.gain_plot(path, series, "budget: average rank R", "held-out loss: pattern - uniform rank R",
+                    f"taylor patterns with a floor, {res['config']['steps']} steps (x: each seed)")
 
 
 def main(argv=None) -> int:

@@ -58,3 +58,28 @@ def save(res: dict, folder: Path, stem: str, summarise: Callable, markdown: Call
     (folder / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (folder / f"{stem}.md").write_text(markdown(res))
     plot(res, folder / f"{stem}.png")
+
+
+def gain_plot(path: Path, series: list[tuple[str, list, list, list[list]]], xlabel: str, ylabel: str,
+              title: str) -> None:
+    """One colour per series (label, xs, mean gains, gains of each seed): the mean as a line, each seed as x marks,
+    a log2 x axis and the zero line (the uniform rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, xs, mean, seeds) in enumerate(series):
+        ax.plot(xs, mean, "-o", color=f"C{i}", label=label)
+        for ys in seeds:
+            ax.plot(xs, ys, "x", color=f"C{i}", alpha=0.6)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
