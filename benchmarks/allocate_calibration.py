@@ -133,14 +133,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     train_recs, held, base, tok, dataset, res = study.start(args)
-    for seed, model, arm in study.default_runs(args, base, tok, dataset):
-        res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "train_seconds": arm.get("train_seconds"),
-                                               "trained_by": arm.get("trained_by", "this script"),
-                                               "budgets": measure_run(model, train_recs, held, tok, args)}
-        res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
-        study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
-    print(markdown(res))
-    return 0
+    return study.measure_runs(args, base, tok, dataset, res,
+                              lambda model: measure_run(model, train_recs, held, tok, args),
+                              (summarise, markdown, plot), t_start)
 
 
 if __name__ == "__main__":

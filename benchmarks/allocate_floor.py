@@ -131,14 +131,12 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     train_recs, held, base, tok, dataset, res = study.start(args)
     calib = calibration_batches(train_recs[: args.calib], tok, args.max_seq_len, args.calib)
-    for seed, model, arm in study.default_runs(args, base, tok, dataset):
+
+    def measure(model) -> dict:
         res["modules"] = len(module_layers(model))
-        res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "trained_by": arm.get("trained_by", "this script"),
-                                               "budgets": measure_run(model, calib, held, args.budgets, args.min_ranks)}
-        res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
-        study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
-    print(markdown(res))
-    return 0
+        return measure_run(model, calib, held, args.budgets, args.min_ranks)
+
+    return study.measure_runs(args, base, tok, dataset, res, measure, (summarise, markdown, plot), t_start)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,6 +45,21 @@ def default_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Modul
         model, arm = bench.qdylora_run(run_args, base, tok, dataset, args.main, found)
         yield seed, model, arm
         del model
+
+
+def measure_runs(args, base, tok, dataset, res: dict, measure: Callable, report: tuple[Callable, Callable, Callable],
+                 t_start: float) -> int:
+    """Every default-rule run measured by measure(model) (its per-budget results) into res["runs"], saved after each
+    with report = (summarise, markdown, plot); prints the table."""
+    summarise, markdown, plot = report
+    for seed, model, arm in default_runs(args, base, tok, dataset):
+        res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "train_seconds": arm.get("train_seconds"),
+                                               "trained_by": arm.get("trained_by", "this script"),
+                                               "budgets": measure(model)}
+        res["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
+        save(res, out_dir(args), args.stem, summarise, markdown, plot)
+    print(markdown(res))
+    return 0
 
 
 def out_dir(args) -> Path:
