@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks the loss score measures around the reference R: any of 0, half (R/2), ref, double "
                         "(2R), quad (4R), all (0 and the powers of two); 0 is always measured")
     p.add_argument("--lora-ranks", default=None, help="LoRA runs (default: the budgets)")
+    p.add_argument("--lora-noise-seed", type=int, default=None,
+                   help="second seed of the LoRA runs at R <= 8 (their run-to-run noise; default: none)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench",
                    help="training runs (deleted at the end unless --keep-runs)")
@@ -341,38 +343,45 @@ def main(argv=None) -> int:
     previous = out_dir / f"{args.stem}.json"
     if args.resume and previous.is_file():
         old = json.loads(previous.read_text())
-        results.update(runs=old.get("runs", {}), lora=old.get("lora", {}))
+        results.update(runs=old.get("runs", {}), lora=old.get("lora", {}), lora_seeds=old.get("lora_seeds", {}))
         if "base_loss" in old:
             results["base_loss"] = old["base_loss"]
     # the main comparison first (main run, LoRA at the budgets up to 8), so a partial result already answers it
     main_key = f"{args.main}_s{args.seed}"
     others = [s for s in SCORES if s != "loss"]  # the costly loss score on the main run only
-    arms = ([("qdylora", args.main, args.seed, list(SCORES))] + [("lora", r) for r in sorted(lora_ranks) if r <= 8]
+    arms = ([("qdylora", args.main, args.seed, list(SCORES))]
+            + [("lora", r, args.seed) for r in sorted(lora_ranks) if r <= 8]
             + [("qdylora", args.main, args.noise_seed, others)]
+            + [("lora", r, args.lora_noise_seed) for r in sorted(lora_ranks)
+               if r <= 8 and args.lora_noise_seed is not None]
             + [("qdylora", rank_per, seed, others) for seed in ints(args.compare_seeds) or [args.seed]
                for rank_per in args.compare.split(",") if rank_per]
-            + [("lora", r) for r in sorted(lora_ranks) if r > 8])
+            + [("lora", r, args.seed) for r in sorted(lora_ranks) if r > 8])
     for arm_spec in arms:
         if arm_spec[0] == "lora":
-            r = arm_spec[1]
-            found = reused(args, f"lora{r}", args.steps, args.seed)
-            if str(r) in results["lora"] or (args.adapters_only and not found):
+            _, r, seed = arm_spec
+            # the main seed's LoRA runs in results["lora"], other seeds' in results["lora_seeds"][seed]
+            seeds = results.setdefault("lora_seeds", {})
+            into = results["lora"] if seed == args.seed else seeds.setdefault(str(seed), {})
+            found = reused(args, f"lora{r}", args.steps, seed)
+            if str(r) in into or (args.adapters_only and not found):
                 continue
-            print(f"== LoRA r={r}", flush=True)
+            print(f"== LoRA r={r} seed={seed}", flush=True)
             if found:
                 from peft import PeftModel
 
                 model, arm = PeftModel.from_pretrained(copy.deepcopy(base), str(found[0])), found[1]
             else:
-                model = attach_lora(copy.deepcopy(base), args, r)
-                arm = train_arm(f"lora{r}_{args.steps}_{args.seed}", model, tok, dataset, args)
+                run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+                model = attach_lora(copy.deepcopy(base), run_args, r)
+                arm = train_arm(f"lora{r}_{args.steps}_{seed}", model, tok, dataset, run_args)
                 arm.pop("ranks_sampled", None)
                 if args.keep_runs:
-                    (Path(args.work_dir) / f"lora{r}_{args.steps}_{args.seed}.json").write_text(json.dumps(arm))
+                    (Path(args.work_dir) / f"lora{r}_{args.steps}_{seed}.json").write_text(json.dumps(arm))
             model.eval()
             arm.pop("ranks_sampled", None)
-            results["lora"][str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
-            print(f"  LoRA r={r}: held-out {results['lora'][str(r)]['heldout']:.4f}", flush=True)
+            into[str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
+            print(f"  LoRA r={r} seed={seed}: held-out {into[str(r)]['heldout']:.4f}", flush=True)
         else:
             _, rank_per, seed, scores = arm_spec
             key = f"{rank_per}_s{seed}"

@@ -50,6 +50,38 @@ def summarise(res: dict) -> dict:
     agreement = {key: calibration_agreement(run) for key, run in res["runs"].items()}
     out["calibration_vs_heldout"] = {key: a for key, a in agreement.items() if a["total"]}
     out["rule_noise"] = rule_noise(res)
+    out["vs_lora_noise"] = vs_lora_noise(res, main_key, noise_key)
+    return out
+
+
+def lora_of(res: dict, seed: int) -> dict:
+    """{R: run} of the LoRA runs trained with this seed (the main seed's in res["lora"])."""
+    if seed == res["config"]["seed"]:
+        return res["lora"]
+    return res.get("lora_seeds", {}).get(str(seed), {})
+
+
+def vs_lora_noise(res: dict, main_key: str, noise_key: str | None) -> dict:
+    """Per budget where LoRA has two seeds: each seed's best pattern (main rule) minus the LoRA of the same seed,
+    against the run-to-run noise (the larger of LoRA's and the best patterns' spread across the seeds). Matches:
+    the mean gap is at most the noise; beats: below minus the noise."""
+    if noise_key is None:
+        return {}
+    runs = [res["runs"][main_key], res["runs"][noise_key]]
+    loras = [lora_of(res, run["seed"]) for run in runs]
+    out = {}
+    for R in runs[0]["heldout"]:
+        if not all(R in lo for lo in loras) or R not in runs[1]["heldout"]:
+            continue
+        best = [min(v for k, v in run["heldout"][R].items() if k != "uniform") for run in runs]
+        lora = [lo[R]["heldout"] for lo in loras]
+        gaps = [round(b - lo, 5) for b, lo in zip(best, lora)]
+        noise = round(max(abs(lora[0] - lora[1]), abs(best[0] - best[1])), 5)
+        mean = round(sum(gaps) / 2, 5)
+        out[R] = {"seeds": [run["seed"] for run in runs], "lora": lora, "best_pattern": best, "gaps": gaps,
+                  "mean_gap": mean, "lora_spread": round(abs(lora[0] - lora[1]), 5),
+                  "pattern_spread": round(abs(best[0] - best[1]), 5), "noise": noise,
+                  "verdict": "beats" if mean < -noise else "matches" if mean <= noise else "behind"}
     return out
 
 
@@ -131,7 +163,7 @@ def markdown(res: dict) -> str:
                   "| avg rank R | uniform R | room | " + " | ".join(f"{s} pattern" for s in scores)
                   + " | LoRA trained at R |", "|---|---|---|" + "---|" * len(scores) + "---|"]
         for R, row in run["heldout"].items():
-            lo = res["lora"].get(R, {}).get("heldout")
+            lo = (lora_of(res, run["seed"]) or res["lora"]).get(R, {}).get("heldout")
             cells = [_cell(row["uniform"]), _cell(room(run, R))] + [
                 (f"{row[s]:.4f} ({row[s] - row['uniform']:+.4f})" if s in row else "") for s in scores]
             lines.append(f"| {R} | " + " | ".join(cells) + f" | {_cell(lo)} |")
@@ -164,13 +196,27 @@ def markdown(res: dict) -> str:
                              f"{e['gains'][0]:+.4f} / {e['gains'][1]:+.4f} | {e['spread']:.4f} | "
                              f"{'yes' if e['beats_noise'] else 'no'} |")
         lines.append("")
+    versus = summ.get("vs_lora_noise", {})
+    if versus:
+        lines += ["## Best pattern against LoRA trained at R, per seed (the main rule)", "",
+                  "Each seed's best pattern minus the LoRA trained at R with the same seed. Noise: the larger of "
+                  "LoRA's and the patterns' spread across the two seeds. Matches: mean gap <= noise; beats: mean gap "
+                  "< -noise.", "",
+                  "| R | LoRA (seeds) | best pattern (seeds) | gap (seeds) | mean gap | noise (LoRA / patterns) | "
+                  "verdict |", "|---|---|---|---|---|---|---|"]
+        for R, e in versus.items():
+            lines.append(f"| {R} | {e['lora'][0]:.4f} / {e['lora'][1]:.4f} | {e['best_pattern'][0]:.4f} / "
+                         f"{e['best_pattern'][1]:.4f} | {e['gaps'][0]:+.4f} / {e['gaps'][1]:+.4f} | "
+                         f"{e['mean_gap']:+.4f} | {e['noise']:.4f} ({e['lora_spread']:.4f} / "
+                         f"{e['pattern_spread']:.4f}) | {e['verdict']} |")
+        lines.append("")
     lines += ["## Every run: its best pattern against its uniform rank and the LoRA trained at R", "",
               "| run | " + " | ".join(f"R={R}" for R in summ["per_budget"]) + " |",
               "|---|" + "---|" * len(summ["per_budget"])]
     for key, run in res["runs"].items():
         cells = []
         for R in summ["per_budget"]:
-            row, lo = run["heldout"].get(R), res["lora"].get(R, {}).get("heldout")
+            row, lo = run["heldout"].get(R), (lora_of(res, run["seed"]) or res["lora"]).get(R, {}).get("heldout")
             if not row:
                 cells.append("")
                 continue
@@ -237,7 +283,8 @@ def plot(res: dict, path: Path) -> None:
         total = next(iter(run["allocations"].values()))
         per_rank = next(iter(total.values()))["budget"] / int(Rs[0])
         uni = run.get("uniform_heldout") or {R: run["heldout"][R]["uniform"] for R in Rs}
-        lora = [(int(R) * per_rank, res["lora"][R]["heldout"]) for R in Rs if R in res["lora"]]
+        own = lora_of(res, run["seed"]) or res["lora"]
+        lora = [(int(R) * per_rank, own[R]["heldout"]) for R in Rs if R in own]
         shown = list(uni.values()) + [v for _, v in lora]
         bottom, top = min(shown + [run["heldout"][R][s] for R in Rs for s in run["heldout"][R]]) - 0.003, \
             max(shown) + 0.01
@@ -252,7 +299,9 @@ def plot(res: dict, path: Path) -> None:
                 ax.plot(*zip(*above), m, color=color, markerfacecolor="none", markersize=8, linestyle="none",
                         clip_on=False, label=f"{s} pattern (worse than shown)")
         if lora:
-            ax.plot(*zip(*lora), "*", color="tab:red", markersize=12, linestyle="none", label="LoRA trained at R")
+            seed = res["config"]["seed"] if own is res["lora"] else run["seed"]
+            ax.plot(*zip(*lora), "*", color="tab:red", markersize=12, linestyle="none",
+                    label=f"LoRA trained at R (seed {seed})")
         ax.set_ylim(bottom, top)
         ax.set_xscale("log")
         ax.set_xlabel("adapter parameters")
