@@ -27,7 +27,6 @@ script does one after another), then `--steps 400 --adapters DIR --work-dir DIR 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -42,7 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alpaca_arms import attach_lora, fresh_base, split_alpaca, train_arm  # noqa: E402
+from alpaca_arms import fresh_base, split_alpaca  # noqa: E402
+from allocate_runs import lora_run, qdylora_run, reused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -140,57 +140,6 @@ def loss_grid(spec: str, reference: int, r_min: int, r_max: int) -> list[int]:
         else:
             raise SystemExit(f"--loss-grid: unknown entry {part!r}")
     return sorted(r for r in out if r == 0 or r_min <= r <= r_max)
-
-
-def attach_qdylora(base, args, rank_per: str, seed: int):
-    from qdylora.adapters.attach import attach_adapters
-    from qdylora.adapters.config import QDyLoRAConfig
-
-    torch.manual_seed(seed)
-    return attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=args.r_max, alpha=args.alpha, update=args.update,
-                                               rank_per=rank_per, seed=seed))
-
-
-def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
-    """(adapter folder, training record) of a run trained with these settings, if --adapters has it: by this script
-    with --keep-runs (its record beside it) or by rank_sampling.py (its record in --adapters-results)."""
-    if not args.adapters:
-        return None
-    run = Path(args.adapters) / f"{name}_{steps}_{seed}"
-    folder = run / "adapter" if (run / "adapter").is_dir() else run
-    if not any((folder / f).is_file() for f in ("adapter_config.json", "qdylora_config.json")):
-        return None
-    record = run.with_name(run.name + ".json")
-    if record.is_file():
-        return folder, {**json.loads(record.read_text()), "trained_by": f"benchmarks/allocate.py ({run.name})"}
-    arm = {"lora r=" + name[4:] if name.startswith("lora") else name.replace("-", "/"): None}
-    rec = {}
-    if Path(args.adapters_results).is_file():
-        runs = json.loads(Path(args.adapters_results).read_text())["budgets"].get(str(steps), {})
-        rec = runs.get("seeds", {}).get(str(seed), {}).get(next(iter(arm)), {})
-    return folder, {"train_seconds": rec.get("train_wall_s"), "steps": rec.get("steps", steps),
-                    "train_loss_first10pct": rec.get("train_loss_first10pct"),
-                    "train_loss_last10pct": rec.get("train_loss_last10pct"),
-                    "trained_by": f"benchmarks/rank_sampling.py ({name}_{steps}_{seed})"}
-
-
-def qdylora_run(args, base, tok, dataset, rank_per: str, found: tuple[Path, dict] | None):
-    """(model in eval mode, training record) of the QDyLoRA run of args.seed: loaded from `found` (reused()) or
-    trained here (kept in --work-dir with --keep-runs, where --adapters finds it again)."""
-    model = attach_qdylora(copy.deepcopy(base), args, rank_per, args.seed)
-    if found:
-        from qdylora.adapters.files import load_adapter
-
-        load_adapter(model, found[0])
-        arm = dict(found[1])
-    else:
-        name = f"{rank_per}-{args.update}_{args.steps}_{args.seed}"
-        arm = train_arm(name, model, tok, dataset, args)
-        if args.keep_runs:
-            (Path(args.work_dir) / f"{name}.json").write_text(json.dumps(arm))
-    model.eval()
-    arm.pop("ranks_sampled", None)
-    return model, arm
 
 
 def pattern_view(ranks: dict, costs: dict) -> dict:
@@ -361,25 +310,15 @@ def main(argv=None) -> int:
         if arm_spec[0] == "lora":
             _, r, seed = arm_spec
             # the main seed's LoRA runs in results["lora"], other seeds' in results["lora_seeds"][seed]
-            seeds = results.setdefault("lora_seeds", {})
-            into = results["lora"] if seed == args.seed else seeds.setdefault(str(seed), {})
+            into = results["lora"] if seed == args.seed else \
+                results.setdefault("lora_seeds", {}).setdefault(str(seed), {})
+            if str(r) in into:
+                continue
             found = reused(args, f"lora{r}", args.steps, seed)
-            if str(r) in into or (args.adapters_only and not found):
+            if args.adapters_only and not found:
                 continue
             print(f"== LoRA r={r} seed={seed}", flush=True)
-            if found:
-                from peft import PeftModel
-
-                model, arm = PeftModel.from_pretrained(copy.deepcopy(base), str(found[0])), found[1]
-            else:
-                run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-                model = attach_lora(copy.deepcopy(base), run_args, r)
-                arm = train_arm(f"lora{r}_{args.steps}_{seed}", model, tok, dataset, run_args)
-                arm.pop("ranks_sampled", None)
-                if args.keep_runs:
-                    (Path(args.work_dir) / f"lora{r}_{args.steps}_{seed}.json").write_text(json.dumps(arm))
-            model.eval()
-            arm.pop("ranks_sampled", None)
+            model, arm = lora_run(args, base, tok, dataset, r, seed, found)
             into[str(r)] = {**arm, "heldout": round(heldout_losses(model, held, [[]])[0], 5)}
             print(f"  LoRA r={r} seed={seed}: held-out {into[str(r)]['heldout']:.4f}", flush=True)
         else:

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import allocate as bench  # noqa: E402
+import allocate_runs  # noqa: E402
 from alpaca_arms import fresh_base, split_alpaca, train_arm  # noqa: E402
 
 STEM = "allocate_cost"
@@ -56,7 +57,7 @@ def one_round(base, tok, dataset, calib, args) -> dict:
     from qdylora.adapters.attach import module_layers
     runs = {}
     for steps in (args.short, args.long):
-        model = bench.attach_qdylora(copy.deepcopy(base), args, args.main, args.seed)
+        model = allocate_runs.attach_qdylora(copy.deepcopy(base), args, args.main, args.seed)
         runs[steps] = train_arm(f"cost_{steps}", model, tok, dataset, args, steps=steps)["train_seconds"]
     model.eval()
     total = sum(layer.in_features + layer.out_features for layer in module_layers(model).values())

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-import allocate as bench
+import allocate_runs
 from alpaca_arms import fresh_base, split_alpaca
 
 
@@ -41,8 +41,8 @@ def default_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Modul
     for seed in args.seeds:
         print(f"== default rule, seed {seed}", flush=True)
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        found = bench.reused(args, f"{args.main}-{args.update}", args.steps, seed)
-        model, arm = bench.qdylora_run(run_args, base, tok, dataset, args.main, found)
+        found = allocate_runs.reused(args, f"{args.main}-{args.update}", args.steps, seed)
+        model, arm = allocate_runs.qdylora_run(run_args, base, tok, dataset, args.main, found)
         yield seed, model, arm
         del model
 
