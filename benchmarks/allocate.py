@@ -21,7 +21,9 @@ seed of the module run was added by `--compare module --compare-seeds 0,1` with 
 allocate_400.*: the two 400-step default runs, then LoRA r = 1, 2 and 4, were trained two at a time by a small
 driver calling qdylora_run and alpaca_arms.train_arm with these settings and `--steps 400 --keep-runs` (what this
 script does one after another), then `--steps 400 --adapters DIR --work-dir DIR --keep-runs --adapters-only
---compare '' --loss-budgets '' --stem allocate_400` (again with --resume once the LoRA runs were there).
+--compare '' --loss-budgets '' --stem allocate_400` (again with --resume once the LoRA runs were there); LoRA
+r = 8 and a second LoRA seed at R = 1, 2, 4, 8 were trained later the same way and added with `--resume
+--lora-noise-seed 1`.
 """
 
 from __future__ import annotations
