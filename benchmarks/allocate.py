@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-ranks", default=None, help="LoRA runs (default: the budgets)")
     p.add_argument("--lora-noise-seed", type=int, default=None,
                    help="second seed of the LoRA runs at R <= 8 (their run-to-run noise; default: none)")
+    p.add_argument("--taylor-floor", choices=("0", "default"), default="0",
+                   help="taylor's greedy from rank 0 (the committed 160- and 400-step tables) or from `qdylora "
+                        "allocate`'s default --min-rank (1 from R = 2 up)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench",
                    help="training runs (deleted at the end unless --keep-runs)")
@@ -167,7 +170,8 @@ def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: lis
     """Patterns of every score at every budget, each timed (taylor and gradnorm share one gradient pass, counted in
     each one's seconds)."""
     from qdylora.adapters.attach import module_layers
-    from qdylora.allocate.greedy import greedy_allocate
+    from qdylora.adapters.attach import qdylora_config_of
+    from qdylora.allocate.greedy import default_min_rank, greedy_allocate
     from qdylora.allocate.pattern import pattern_params
     from qdylora.allocate.scores import (compute_scores, gradnorm_scores, reference_gradients, taylor_scores)
 
@@ -196,12 +200,15 @@ def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: lis
                 table = compute_scores("loss", model, loss_calib, R, grid=grid)
             else:
                 table = compute_scores(score, model, calib, R, progress=False)
-            ranks = greedy_allocate(table, budget)
+            floor = 0
+            if score == "taylor" and args.taylor_floor == "default":
+                floor = default_min_rank(budget, costs, qdylora_config_of(model))
+            ranks = greedy_allocate(table, budget, min_rank=floor)
             shared = score in GRADIENT_SCORES
             seconds = time.perf_counter() - t0 + (grad_s if shared else 0.0)
             res[score] = {"ranks": ranks, "params": pattern_params(ranks, costs), "budget": budget,
                           "seconds": round(seconds, 2), "shared_gradient_seconds": round(grad_s, 2) if shared else None,
-                          **pattern_view(ranks, costs)}
+                          "min_rank": floor, **pattern_view(ranks, costs)}
             if score == "loss":
                 res[score].update(grid=table.info["grid"], truncations=table.info["truncations"],
                                   passes=table.info["passes"])

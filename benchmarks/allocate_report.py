@@ -153,7 +153,9 @@ def markdown(res: dict) -> str:
              f"calibration: the first {cfg['calib']} training examples ({cfg['calib_tokens']} tokens), "
              f"{cfg['loss_calib']} for the loss score ({cfg['loss_calib_tokens']} tokens, grid "
              f"{cfg['loss_grid']}, budgets {cfg['loss_budgets']} of the main run only). Base model without adapter: "
-             f"held-out loss {res['base_loss']:.4f}.", ""]
+             f"held-out loss {res['base_loss']:.4f}."
+             + (" taylor's greedy starts from `qdylora allocate`'s default --min-rank (1 from R = 2 up)."
+                if cfg.get("taylor_floor") == "default" else ""), ""]
     for key, run in res["runs"].items():
         scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
         trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"
