@@ -23,7 +23,10 @@ driver calling qdylora_run and alpaca_arms.train_arm with these settings and `--
 script does one after another), then `--steps 400 --adapters DIR --work-dir DIR --keep-runs --adapters-only
 --compare '' --loss-budgets '' --stem allocate_400` (again with --resume once the LoRA runs were there); LoRA
 r = 8 and a second LoRA seed at R = 1, 2, 4, 8 were trained later the same way and added with `--resume
---lora-noise-seed 1`.
+--lora-noise-seed 1`. allocate_400_rmax05.* / allocate_400_rmax0.*: one 400-step run each of the default rule
+with QDyLoRAConfig(r_max_prob=0.5 / 0), seed 0, trained the same way and named as the main run in a folder DIR
+holding links to allocate_400's LoRA runs, then `--steps 400 --adapters DIR --work-dir DIR --keep-runs
+--adapters-only --compare '' --loss-budgets '' --budgets 1,2,4,8 --taylor-floor default --stem ...`.
 """
 
 from __future__ import annotations
