@@ -61,6 +61,12 @@ def lora_of(res: dict, seed: int) -> dict:
     return res.get("lora_seeds", {}).get(str(seed), {})
 
 
+def lora_beside(res: dict, run: dict) -> tuple[dict, int]:
+    """(LoRA runs {R: run}, their seed) a QDyLoRA run is compared with: its own seed's, else the main seed's."""
+    own = lora_of(res, run["seed"])
+    return (own, run["seed"]) if own else (res["lora"], res["config"]["seed"])
+
+
 def vs_lora_noise(res: dict, main_key: str, noise_key: str | None) -> dict:
     """Per budget where LoRA has two seeds: each seed's best pattern (main rule) minus the LoRA of the same seed,
     against the run-to-run noise (the larger of LoRA's and the best patterns' spread across the seeds). Matches:
@@ -165,7 +171,7 @@ def markdown(res: dict) -> str:
                   "| avg rank R | uniform R | room | " + " | ".join(f"{s} pattern" for s in scores)
                   + " | LoRA trained at R |", "|---|---|---|" + "---|" * len(scores) + "---|"]
         for R, row in run["heldout"].items():
-            lo = (lora_of(res, run["seed"]) or res["lora"]).get(R, {}).get("heldout")
+            lo = lora_beside(res, run)[0].get(R, {}).get("heldout")
             cells = [_cell(row["uniform"]), _cell(room(run, R))] + [
                 (f"{row[s]:.4f} ({row[s] - row['uniform']:+.4f})" if s in row else "") for s in scores]
             lines.append(f"| {R} | " + " | ".join(cells) + f" | {_cell(lo)} |")
@@ -218,7 +224,7 @@ def markdown(res: dict) -> str:
     for key, run in res["runs"].items():
         cells = []
         for R in summ["per_budget"]:
-            row, lo = run["heldout"].get(R), (lora_of(res, run["seed"]) or res["lora"]).get(R, {}).get("heldout")
+            row, lo = run["heldout"].get(R), lora_beside(res, run)[0].get(R, {}).get("heldout")
             if not row:
                 cells.append("")
                 continue
@@ -285,7 +291,7 @@ def plot(res: dict, path: Path) -> None:
         total = next(iter(run["allocations"].values()))
         per_rank = next(iter(total.values()))["budget"] / int(Rs[0])
         uni = run.get("uniform_heldout") or {R: run["heldout"][R]["uniform"] for R in Rs}
-        own = lora_of(res, run["seed"]) or res["lora"]
+        own, seed = lora_beside(res, run)
         lora = [(int(R) * per_rank, own[R]["heldout"]) for R in Rs if R in own]
         shown = list(uni.values()) + [v for _, v in lora]
         bottom, top = min(shown + [run["heldout"][R][s] for R in Rs for s in run["heldout"][R]]) - 0.003, \
@@ -301,7 +307,6 @@ def plot(res: dict, path: Path) -> None:
                 ax.plot(*zip(*above), m, color=color, markerfacecolor="none", markersize=8, linestyle="none",
                         clip_on=False, label=f"{s} pattern (worse than shown)")
         if lora:
-            seed = res["config"]["seed"] if own is res["lora"] else run["seed"]
             ax.plot(*zip(*lora), "*", color="tab:red", markersize=12, linestyle="none",
                     label=f"LoRA trained at R (seed {seed})")
         ax.set_ylim(bottom, top)
