@@ -16,20 +16,24 @@ from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layer
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.adapters.export import export_pattern, export_peft
 from qdylora.adapters.files import save_adapter
+from qdylora.adapters.svd_sort import sort_components
 from qdylora.cli import main
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 Q0, V1, D1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A saved r_max 8, alpha 12 adapter with random components (so every truncation changes the output)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["trained", "svd-sorted"])
+def adapter(tmp_path_factory, request):
+    """A saved r_max 8, alpha 12 adapter with random components (so every truncation changes the output), as
+    trained (rank b at alpha / b) or svd-sorted (every rank at alpha / r_max)."""
     model = attach_adapters(tiny_nf4(0), QDyLoRAConfig(r_min=1, r_max=8, alpha=12.0))
     g = torch.Generator().manual_seed(5)
     for layer in dylora_layers(model):
         for p in (layer.lora_dyA["default"], layer.lora_dyB["default"]):
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    if request.param:
+        sort_components(model)
     d = tmp_path_factory.mktemp("ad") / "adapter"
     save_adapter(model, d)
     ranks = {n: 1 + i % 8 for i, n in enumerate(module_layers(model))} | {V1: 0, D1: 8, Q0: 3}
@@ -87,7 +91,9 @@ def test_padded_components_are_zero_and_scales_fold_into_B(adapter, tmp_path):
         assert torch.count_nonzero(A[b:]) == 0 and torch.count_nonzero(B[:, b:]) == 0
         if b:
             assert torch.equal(A[:b], saved[f"{name}.lora_A"][:b])
-            torch.testing.assert_close(B[:, :b], saved[f"{name}.lora_B"][:, :b] * 32 / b, rtol=1e-6, atol=0)
+            # peft runs rank 32 at 12 / 32; the adapter runs b at 12 / b (sorted: 12 / 8)
+            fold = 32 / (8 if dylora_layers(model)[0].svd_sorted else b)
+            torch.testing.assert_close(B[:, :b], saved[f"{name}.lora_B"][:, :b] * fold, rtol=1e-6, atol=0)
     meta = json.loads((out / "qdylora_export.json").read_text())
     assert meta["format"] == "uniform" and meta["pad_to"] == 32 and meta["ranks"] == ranks
 

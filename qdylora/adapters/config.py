@@ -24,6 +24,13 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 UPDATE_MODES = ("frozen", "nested", "matryoshka", "even")
 RANK_PER = ("step", "example", "module", "example+module")
 SAMPLERS = ("uniform", "loguniform", "geometric", "list")
+TRUNCATIONS = ("prefix", "svd")
+
+
+def rank_scale(alpha: float, r_max: int, rank: int, svd_sorted: bool = False) -> float:
+    """The scale of the first `rank` components: DyLoRA's alpha / rank, or alpha / r_max for components sorted
+    by svd_sort (each keeps its share of the full update, so rank b is its best rank-b approximation)."""
+    return alpha / r_max if svd_sorted else alpha / rank
 
 
 @dataclass
@@ -53,12 +60,19 @@ class QDyLoRAConfig:
     # rank_per 'example' and update nested / even (the defaults: every row at r_max won at every rank in
     # benchmarks/rank_sampling.py and the demo), else 0 (the rank draws as chosen)
     r_max_prob: float | None = None
+    # how the final adapter is cut to rank b: 'svd' re-expresses each module's full update by its singular vectors
+    # (rank b = the best rank-b approximation, scale alpha/r_max), 'prefix' keeps the trained components (rank b =
+    # the first b at alpha/b, DyLoRA). None: 'svd' when every row trains at r_max (r_max_prob 1: the components
+    # are not ordered by training), else 'prefix'
+    truncation: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_rows is None:
             self.max_rows = 1 if self.rank_per in ("example", "example+module") else 0
         if self.r_max_prob is None:
             self.r_max_prob = 1.0 if self.rank_per == "example" and self.update in ("nested", "even") else 0.0
+        if self.truncation is None:
+            self.truncation = "svd" if self.r_max_prob == 1.0 else "prefix"
         self.validate()
 
     def validate(self) -> None:
@@ -84,6 +98,9 @@ class QDyLoRAConfig:
         if isinstance(self.r_max_prob, bool) or not isinstance(self.r_max_prob, (int, float)) or not (
                 0.0 <= self.r_max_prob <= 1.0):
             raise ConfigError(f"r_max_prob={self.r_max_prob!r} must be a probability in [0, 1] (--r-max-prob).")
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(f"truncation={self.truncation!r} is unknown; use one of {', '.join(TRUNCATIONS)} "
+                              "(--truncation).")
         if self.rank_sampler not in SAMPLERS:
             raise ConfigError(f"rank_sampler={self.rank_sampler!r} is unknown; use one of {', '.join(SAMPLERS)}.")
         if self.rank_list is not None and self.rank_sampler != "list":
@@ -121,9 +138,9 @@ class QDyLoRAConfig:
         """r_min, every power of two in between, and r_max: 1, 2, 4, ..., 64 for ranks 1..64."""
         return sorted({self.r_min, self.r_max} | {2 ** k for k in range(20) if self.r_min <= 2 ** k <= self.r_max})
 
-    def scale(self, rank: int) -> float:
-        """DyLoRA's scale alpha / b at rank b."""
-        return self.alpha / rank
+    def scale(self, rank: int, svd_sorted: bool = False) -> float:
+        """The scale at rank b: alpha / b, or alpha / r_max when the components are svd-sorted (rank_scale)."""
+        return rank_scale(self.alpha, self.r_max, rank, svd_sorted)
 
     @property
     def targets(self) -> list[str]:
@@ -139,8 +156,8 @@ class QDyLoRAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if strict and set(d) - names:
             raise ConfigError(f"unknown adapter setting(s) {', '.join(sorted(set(d) - names))}")
-        # settings saved before max_rows / r_max_prob existed ran without rows at r_max
-        legacy = {"max_rows": 0, "r_max_prob": 0.0} if saved else {}
+        # settings saved before max_rows / r_max_prob / truncation existed: no rows at r_max, trained components kept
+        legacy = {"max_rows": 0, "r_max_prob": 0.0, "truncation": "prefix"} if saved else {}
         return cls(**{**legacy, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path: str | Path) -> None:

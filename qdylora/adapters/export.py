@@ -6,6 +6,8 @@ DyLoRA scales module m at rank b_m by alpha / b_m; the formats keep exactly that
 - `uniform`: every module padded with zero components to one rank R (the pattern's largest or
   --pad-to) with B[:, :b_m] * R / b_m, so a consumer that reads only r and lora_alpha (vLLM,
   llama.cpp's converter) computes (alpha / R) (R / b_m) B A = (alpha / b_m) B A, the same output.
+An svd-sorted adapter (adapters.svd_sort) runs every rank at alpha / r_max: B is multiplied by b_m / r_max
+(peft) or R / r_max (uniform) instead, so both formats again compute the adapter's own output.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..errors import AdapterError, ConfigError
 from .attach import check_module_ranks
 from .consumers import (GGUF_CONFIG_DIR, base_config, base_reference, cast_tensors, check_dtype, conv1d_suffixes,
                         gguf_note, peft_config_dict, with_architecture, write_peft_config)
-from .files import adapter_config, read_adapter
+from .files import adapter_config, read_adapter, svd_sorted_meta
 
 EXPORT_META_NAME = "qdylora_export.json"
 FORMATS = ("peft", "uniform")
@@ -73,21 +75,25 @@ def padded_rank(ranks: Mapping[str, int], pad_to: int | None) -> int:
 
 
 def pattern_tensors(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
-                    pad: int | None) -> dict[str, torch.Tensor]:
-    """peft's tensors: per module A[:b], B[:, :b]; with `pad`, zero components up to rank pad and B * pad / b."""
+                    pad: int | None, svd_sorted: bool = False) -> dict[str, torch.Tensor]:
+    """peft's tensors: per module A[:b], B[:, :b]; with `pad`, zero components up to rank pad and B * pad / b
+    (svd-sorted: B * b / r_max, with `pad` B * pad / r_max)."""
     out = {}
     for path, b in ranks.items():
         A, B = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
+        if b == 0 and pad is None:
+            continue
+        # peft runs the written rank at alpha / written; the adapter runs rank b at alpha / b (sorted: alpha / r_max)
+        written = pad or b
+        fold = written / (A.shape[0] if svd_sorted else max(b, 1))
         if pad is None:
-            if b == 0:
-                continue
-            a_out, b_out = A[:b], B[:, :b]
+            a_out, b_out = A[:b], (B[:, :b] * fold if fold != 1 else B[:, :b])
         else:
             a_out = torch.zeros(pad, A.shape[1], dtype=A.dtype)
             b_out = torch.zeros(B.shape[0], pad, dtype=B.dtype)
             if b > 0:
                 a_out[:b] = A[:b]
-                b_out[:, :b] = B[:, :b] * (pad / b)
+                b_out[:, :b] = B[:, :b] * fold
         out[f"base_model.model.{path}.lora_A.weight"] = a_out.contiguous()
         out[f"base_model.model.{path}.lora_B.weight"] = b_out.contiguous()
     return out
@@ -134,7 +140,7 @@ def write_export(adapter_dir: str | os.PathLike, meta: dict, tensors: Mapping[st
     ref = base_reference(meta["base_model"])
     base_cfg = base_config(ref)
     peft_cfg = _peft_config(cfg.alpha, ranks, pad, ref, base_cfg)
-    peft_tensors = cast_tensors(pattern_tensors(tensors, ranks, pad), dtype)
+    peft_tensors = cast_tensors(pattern_tensors(tensors, ranks, pad, svd_sorted_meta(meta)), dtype)
     params = sum(b * (tensors[f"{m}.lora_A"].shape[1] + tensors[f"{m}.lora_B"].shape[0]) for m, b in ranks.items())
     gguf_cfg = with_architecture(base_cfg) if ref and ref.endswith(".gguf") else None
     note = gguf_note(ref, gguf_cfg is not None)
@@ -176,7 +182,7 @@ def export_peft(adapter_dir: str | os.PathLike, rank: int, output: str | os.Path
     cfg = adapter_config(meta, str(adapter_dir))
     rank = cfg.check_rank(rank)
     return write_export(adapter_dir, meta, tensors, rank, output, None, pad_to, overwrite, protect,
-                        extra={"exported_rank": rank, "scale": cfg.alpha / rank}, dtype=dtype)
+                        extra={"exported_rank": rank, "scale": cfg.scale(rank, svd_sorted_meta(meta))}, dtype=dtype)
 
 
 def export_pattern(adapter_dir: str | os.PathLike, pattern, output: str | os.PathLike, fmt: str | None = None,

@@ -20,6 +20,7 @@ from .layer import DyLoRALinear
 
 WEIGHTS_NAME = "qdylora_adapter.safetensors"
 CONFIG_NAME = "qdylora_config.json"
+SORTED_KEY = "svd_sorted"  # metadata: the components are sorted by adapters.svd_sort
 FORMAT_VERSION = 1
 # a module path as transformers names it; anything else in a file is refused
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -50,7 +51,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
     meta = {
         "format": "qdylora-adapter", "version": FORMAT_VERSION,
         "qdylora": cfg.to_dict(), "targets": sorted(params),
-        "base_model": base_fingerprint(_unwrap(model)), **(extra or {}),
+        "base_model": base_fingerprint(_unwrap(model)), SORTED_KEY: dylora_layers(model)[0].svd_sorted,
+        **(extra or {}),
     }
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
@@ -117,6 +119,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     if not isinstance(meta.get("base_model"), dict) or "shapes_sha256" not in meta["base_model"]:
         raise AdapterError(f"{cfg_path} lacks the base model's fingerprint ('base_model'); the adapter folder is damaged")
     cfg = adapter_config(meta, str(d))
+    if not isinstance(meta.get(SORTED_KEY, False), bool):
+        raise AdapterError(f"{cfg_path}: '{SORTED_KEY}' must be true or false, not {meta[SORTED_KEY]!r}; the adapter "
+                           "folder is damaged")
     try:
         tensors = load_file(str(w_path))
     except Exception as e:  # safetensors raises its own error types for truncated / garbage files
@@ -155,7 +160,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise AdapterError(f"the model's adapters differ from {directory}: " + ", ".join(differ)
                                + "; load it onto the plain base model instead")
     load_adapter_weights(model, tensors)
+    for layer in dylora_layers(model):
+        layer.svd_sorted = svd_sorted_meta(meta)
     return model
+
+
+def svd_sorted_meta(meta: dict) -> bool:
+    """Whether a saved adapter's components are svd-sorted (rank b at alpha/r_max; absent: trained as they are)."""
+    return meta.get(SORTED_KEY) is True
 
 
 @torch.no_grad()

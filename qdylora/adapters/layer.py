@@ -8,7 +8,8 @@ mode's untrained components keep value and optimizer state bit for bit. 'matryos
 component in each forward, component i weighted by the summed scales of the training ranks above it
 (MatryoshkaLoRA); 'even' is nested with every row's A/B gradient at alpha/r_max instead of alpha/b, so
 the rows of a batch weigh alike on the components they share. At inference every rule is the same
-truncation to rank b with scale alpha/b.
+truncation to rank b with scale alpha/b; a layer whose components were sorted by svd_sort (`svd_sorted`)
+runs rank b at alpha/r_max instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..load.quantize import packed_nf4
-from ..ops import qdylora_linear
+from ..ops import qdylora_linear, row_ranks
 from ..shards import full, local, row_offset
 from .config import QDyLoRAConfig
 from .storage import adapter_tensor_shapes
@@ -46,6 +47,8 @@ class DyLoRALinear(nn.Module, LoraLayer):
         self.qdylora_configs: dict[str, QDyLoRAConfig] = {}
         self.fan_in_fan_out = False
         self.backend: str | None = None
+        # components sorted by the singular values of the full update (svd_sort): rank b runs at alpha/r_max
+        self.svd_sorted = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config=config)
         self.rank: int | torch.Tensor = self.qdylora_config.r_max
@@ -128,6 +131,8 @@ class DyLoRALinear(nn.Module, LoraLayer):
                 update = "nested"
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and self.training else None
+        if self.svd_sorted:
+            alpha, x_lora = self._sorted_scale(x, x_lora, ranks, alpha, cfg.r_max)
         weight, quant_state = packed_nf4(base)
         dtype = getattr(base, "compute_dtype", None) or x.dtype
         # bnb's Linear4bit computes in its compute dtype; do the same so both paths agree.
@@ -137,6 +142,17 @@ class DyLoRALinear(nn.Module, LoraLayer):
             alpha, update, None if x_lora is None else x_lora.to(dtype), self.backend,
         )
         return y.to(x.dtype)
+
+    @staticmethod
+    def _sorted_scale(x, x_lora, ranks, alpha: float, r_max: int):
+        """(alpha, x_lora) that make the op's per-row scale alpha/b come out as alpha/r_max (svd-sorted components):
+        one rank folds b/r_max into alpha, per-row ranks into each row of the low-rank path's input."""
+        if isinstance(ranks, int):
+            return alpha * ranks / r_max, x_lora
+        xl = x if x_lora is None else x_lora
+        rows = xl.reshape(-1, xl.shape[-1])
+        r = row_ranks(ranks, rows.shape[0], xl.device).to(rows.dtype)
+        return alpha, (rows * (r / r_max)[:, None]).reshape(xl.shape)
 
     def set_rank(self, rank: int | torch.Tensor) -> None:
         """Rank for the next forward passes: an int, or one per batch element / row (per-row ranks)."""

@@ -11,7 +11,8 @@ reference (for components >= R: the gradient they would get if switched on at sc
             grid of ranks (0, the powers of two, r_max); module m may take the grid's ranks only.
 - taylor:   g[m, k] = sum_i |A[k, i] gA[k, i]| + sum_j |B[j, k] gB[j, k]| (AdaLoRA's |p * dL/dp| sensitivity,
             summed over the component; one backward pass), where a component k >= R takes its gradient at
-            the scale alpha / (k + 1) it runs at as the last component of rank k + 1, not at alpha / R.
+            the scale alpha / (k + 1) it runs at as the last component of rank k + 1, not at alpha / R
+            (svd-sorted components run at alpha / r_max at every rank: s = alpha / r_max throughout).
 - norm:     g[m, k] = ||B[:, k]|| ||A[k]|| / ||B A||_F (the component's share of the update; data-free).
 - gradnorm: G_m = sqrt(||gA[:n]||^2 + ||gB[:, :n]||^2) with n = min(r_max, 2R) (HeteroLoRA's GRAD-NORM): a
             module is off or on at rank n as a whole, g[m, k] = G_m / n for k < n.
@@ -44,6 +45,11 @@ def loss_grid(r_min: int, r_max: int, reference: int) -> list[int]:
 
 def _costs(layers: Sequence[nn.Module]) -> list[int]:
     return [layer.in_features + layer.out_features for layer in layers]
+
+
+def _sorted(layers) -> bool:
+    """Whether the adapter's components are svd-sorted (every rank at alpha / r_max)."""
+    return next(iter(layers.values())).svd_sorted
 
 
 def _factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +104,7 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
     >= reference as if switched on at scale alpha / reference), from one forward and backward pass per batch."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
-    scale = cfg.alpha / reference
+    scale = cfg.scale(reference, _sorted(layers))
     grads = {}
     factors = {}
     for name, layer in layers.items():
@@ -152,9 +158,11 @@ def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: in
     layers = module_layers(model)
     ref = ref or reference_gradients(model, batches, reference, bar)
     cfg = qdylora_config_of(model)
-    k = torch.arange(cfg.r_max)
-    # gradients came at scale alpha / reference; components >= reference run at alpha / (k + 1) at the most
-    rescale = torch.where(k < reference, 1.0, reference / (k + 1.0))
+    # gradients came at the reference's scale; a component k >= reference runs at the scale of rank k + 1 at
+    # the most (alpha / (k + 1); svd-sorted: alpha / r_max, the same as the reference's)
+    sorted_ = _sorted(layers)
+    rescale = torch.tensor([1.0 if i < reference else cfg.scale(i + 1, sorted_) / cfg.scale(reference, sorted_)
+                            for i in range(cfg.r_max)])
     rows = []
     for name, layer in layers.items():
         A, B = _factors(layer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..adapters.config import RANK_PER, SAMPLERS, UPDATE_MODES, QDyLoRAConfig
+from ..adapters.config import RANK_PER, SAMPLERS, TRUNCATIONS, UPDATE_MODES, QDyLoRAConfig
 from ..errors import ConfigError
 from ..train.config import OPTIMIZERS, QUANT_STORAGES, TrainConfig
 
@@ -32,6 +32,10 @@ SETTINGS = [
      "probability that a rank draw (a row, module or step) is r_max instead of one from --rank-sampler (default: "
      "1 with --rank-per example and --update nested or even, the measured best; else 0)"),
     ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
+    ("--truncation", "qdylora", "truncation", str,
+     "how the final adapter is cut to rank b: svd (components sorted by the singular values of each module's "
+     "update, rank b its best rank-b approximation) or prefix (the first b trained components at alpha/b, "
+     "DyLoRA) (default: svd when every row trains at r_max, else prefix)"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,
      "comma-separated linear names to adapt, or all-linear (default: attention and MLP linears)"),
@@ -53,7 +57,8 @@ SETTINGS = [
 ]
 # matryoshka stays a Python option (benchmarks/rank_sampling.py): it lost at every rank there
 CHOICES = {"update": tuple(m for m in UPDATE_MODES if m != "matryoshka"), "rank_sampler": SAMPLERS,
-           "optim": OPTIMIZERS, "rank_per": RANK_PER, "quant_storage": QUANT_STORAGES}
+           "optim": OPTIMIZERS, "rank_per": RANK_PER, "quant_storage": QUANT_STORAGES,
+           "truncation": TRUNCATIONS}
 
 
 def _default(group: str | None, field: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ PER_LAUNCH = {"fsdp": False, "quant_storage": "auto"}
 SETTING_FLAGS = {"model": "--model", "data": "--data", "r_min": "--r-min", "r_max": "--r-max", "alpha": "--alpha",
                  "dropout": "--dropout", "update": "--update", "target_modules": "--target-modules",
                  "rank_sampler": "--rank-sampler", "rank_per": "--rank-per", "max_rows": "--max-rows",
-                 "r_max_prob": "--r-max-prob", "rank_list": "--rank-list",
+                 "r_max_prob": "--r-max-prob", "rank_list": "--rank-list", "truncation": "--truncation",
                  "learning_rate": "--lr", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
                  "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay",
                  "max_grad_norm": "--max-grad-norm", "optim": "--optim", "seed": "--seed", "max_steps": "--max-steps"}
@@ -116,13 +115,19 @@ def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], P
 
 
 def finish_from_checkpoint(out: Path, ckpt: Path, step: int) -> None:
-    """Write the final adapter/ from a checkpoint's adapter (training had reached max_steps)."""
-    from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME
+    """Write the final adapter/ from a checkpoint's adapter (training had reached max_steps), svd-sorted as
+    train_model sorts it when the run's truncation is 'svd'."""
+    from safetensors.torch import save_file
+
+    from ..adapters.files import CONFIG_NAME, SORTED_KEY, WEIGHTS_NAME, adapter_config, read_adapter, svd_sorted_meta
+    from ..adapters.svd_sort import sorted_tensors
     from ..atomic import atomic_dir
 
-    meta = json.loads((ckpt / ADAPTER_SUBDIR / CONFIG_NAME).read_text())
+    meta, tensors = read_adapter(ckpt / ADAPTER_SUBDIR)
+    if adapter_config(meta).truncation == "svd" and not svd_sorted_meta(meta):
+        tensors, meta = sorted_tensors(tensors, meta["targets"]), {**meta, SORTED_KEY: True}
     with atomic_dir(out / ADAPTER_SUBDIR) as tmp:
-        shutil.copyfile(ckpt / ADAPTER_SUBDIR / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps({**meta, "global_step": step}, indent=2) + "\n")
 
 

@@ -21,6 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..adapters.attach import adapter_parameters, dylora_layers, set_rank
 from ..adapters.config import QDyLoRAConfig
 from ..adapters.files import load_adapter_weights, read_adapter, save_adapter
+from ..adapters.svd_sort import sort_components
 from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
 from ..errors import AdapterError, TrainingError
 from .callbacks import InterruptCallback, LogCallback, SyncCallback
@@ -223,12 +224,16 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
                "last_checkpoint": trainer.last_checkpoint}
     if not stop_cb.requested:
         adapter = Path(output_dir) / ADAPTER_SUBDIR
+        if sharded and qcfg is not None and qcfg.truncation == "svd":
+            sort_components(model)  # every process: the sort gathers each layer's factors
         params = adapter_parameters(model) if sharded and qcfg is not None else None  # every process gathers
         try:
             if not trainer.is_world_process_zero():
                 pass
             elif qcfg is not None:
                 set_rank(model, qcfg.r_max)
+                if qcfg.truncation == "svd" and not sharded:
+                    sort_components(model)
                 save_adapter(model, adapter, extra={"global_step": trainer.state.global_step}, params=params)
             else:
                 model.save_pretrained(str(adapter))
