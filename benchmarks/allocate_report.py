@@ -161,7 +161,11 @@ def markdown(res: dict) -> str:
              f"{cfg['loss_grid']}, budgets {cfg['loss_budgets']} of the main run only). Base model without adapter: "
              f"held-out loss {res['base_loss']:.4f}."
              + (" taylor's greedy starts from `qdylora allocate`'s default --min-rank (1 from R = 2 up)."
-                if cfg.get("taylor_floor") == "default" else ""), ""]
+                if cfg.get("taylor_floor") == "default" else "")
+             + (f" QDyLoRA runs cut by --truncation {cfg['truncation']}"
+                + (" (components sorted by each module's singular values; rank b at alpha / r_max)."
+                   if cfg["truncation"] == "svd" else " (the trained components; rank b at alpha / b).")
+                if cfg.get("truncation") else ""), ""]
     for key, run in res["runs"].items():
         scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
         trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"

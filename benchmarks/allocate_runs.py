@@ -21,7 +21,8 @@ def attach_qdylora(base, args, rank_per: str, seed: int):
 
     torch.manual_seed(seed)
     return attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=args.r_max, alpha=args.alpha, update=args.update,
-                                               rank_per=rank_per, seed=seed))
+                                               rank_per=rank_per, seed=seed,
+                                               truncation=getattr(args, "truncation", None)))
 
 
 def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
@@ -49,7 +50,11 @@ def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
 
 def qdylora_run(args, base, tok, dataset, rank_per: str, found: tuple[Path, dict] | None):
     """(model in eval mode, training record) of the QDyLoRA run of args.seed: loaded from `found` (reused()) or
-    trained here (kept in --work-dir with --keep-runs, where --adapters finds it again)."""
+    trained here (kept in --work-dir with --keep-runs, where --adapters finds it again); svd-sorted when its
+    truncation (--truncation, else the CLI's default for its rule) is svd."""
+    from qdylora.adapters.attach import qdylora_config_of
+    from qdylora.adapters.svd_sort import sort_components
+
     model = attach_qdylora(copy.deepcopy(base), args, rank_per, args.seed)
     if found:
         from qdylora.adapters.files import load_adapter
@@ -61,6 +66,8 @@ def qdylora_run(args, base, tok, dataset, rank_per: str, found: tuple[Path, dict
         arm = train_arm(name, model, tok, dataset, args)
         if args.keep_runs:
             (Path(args.work_dir) / f"{name}.json").write_text(json.dumps(arm))
+    if qdylora_config_of(model).truncation == "svd":  # a run taken again holds its trained components
+        sort_components(model)
     model.eval()
     arm.pop("ranks_sampled", None)
     return model, arm
