@@ -141,3 +141,20 @@ def tiny_qdylora(r_max: int = 8, seed: int = 0):
     pm = attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=r_max, alpha=16.0))
     randomize_adapters(pm, seed)
     return pm.eval(), tok
+
+
+def mean_response_loss(model, batches):
+    """Mean response-token NLL of calibration batches by plain cross-entropy over the model's logits (independent
+    of qdylora's response_sums)."""
+    import torch.nn.functional as F
+
+    from qdylora.data.examples import IGNORE_INDEX
+
+    nll, n = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b.ids, attention_mask=b.mask).logits[:, :-1]
+        target = b.labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        nll = nll + F.cross_entropy(logits[keep], target[keep], reduction="sum")
+        n += int(keep.sum())
+    return nll / n

@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import tiny_nf4
+from helpers import mean_response_loss, tiny_nf4
 from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.allocate.calib import CalibBatch, config_losses
@@ -48,18 +47,6 @@ def _batches(n=4, length=10, seed=3):
         labels[mask == 0] = IGNORE_INDEX
         out.append(CalibBatch(ids, mask, labels))
     return out
-
-
-def _mean_loss(model, batches):
-    """Mean response-token NLL by plain cross-entropy over the model's logits (independent of response_sums)."""
-    nll, n = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b.ids, attention_mask=b.mask).logits[:, :-1]
-        target = b.labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        nll = nll + F.cross_entropy(logits[keep], target[keep], reduction="sum")
-        n += int(keep.sum())
-    return nll / n
 
 
 # set_rank with a dict -------------------------------------------------------------------------------
@@ -204,7 +191,7 @@ def test_reference_gradients_match_autograd(reference):
     set_rank(check, reference)
     for p in check.parameters():
         p.grad = None
-    loss = _mean_loss(check, batches)
+    loss = mean_response_loss(check, batches)
     loss.backward()
     assert ref.loss == pytest.approx(float(loss.detach()), abs=2e-6)
     for name, layer in module_layers(check).items():
@@ -221,7 +208,7 @@ def test_taylor_and_gradnorm_from_autograd():
     model, batches = _model(), _batches()
     check = _model()
     set_rank(check, 8)
-    _mean_loss(check, batches).backward()
+    mean_response_loss(check, batches).backward()
     taylor, gradnorm = taylor_scores(model, batches, 8), gradnorm_scores(model, batches, 4)
     assert gradnorm.info["on_rank"] == 8 and gradnorm.allowed[0] == [0, 8]
     for i, (name, layer) in enumerate(module_layers(check).items()):
@@ -232,7 +219,7 @@ def test_taylor_and_gradnorm_from_autograd():
     low = taylor_scores(model, batches, 3)
     check3 = _model()
     set_rank(check3, 3)
-    _mean_loss(check3, batches).backward()
+    mean_response_loss(check3, batches).backward()
     for i, (name, layer) in enumerate(module_layers(check3).items()):
         A, B = layer.lora_dyA["default"], layer.lora_dyB["default"]
         want = ((A * A.grad).abs().sum(1) + (B * B.grad).abs().sum(0)).detach()
@@ -301,13 +288,13 @@ def test_allocation_reports_the_calibration_losses_of_pattern_and_uniform_rank(m
     check = _model()
     set_rank(check, 2)
     with torch.no_grad():
-        uniform_loss = float(_mean_loss(check, batches))
+        uniform_loss = float(mean_response_loss(check, batches))
     wins = []
     for scored in patterns:
         monkeypatch.setattr(run_mod, "greedy_allocate", lambda table, b, k=0, scored=scored: dict(scored))
         set_rank(check, scored)
         with torch.no_grad():
-            scored_loss = float(_mean_loss(check, batches))
+            scored_loss = float(mean_response_loss(check, batches))
         alloc = run_mod.allocate_model(model, batches, budget, score, progress=False)
         assert alloc.pattern.ranks == scored and alloc.uniform_rank == 2
         assert alloc.pattern_loss == pytest.approx(scored_loss, abs=2e-6)

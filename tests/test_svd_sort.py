@@ -9,8 +9,7 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import tiny_nf4
+from helpers import mean_response_loss, tiny_nf4
 
 from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
@@ -120,17 +119,6 @@ def _batches():
     return [CalibBatch(ids, torch.ones_like(ids), labels)]
 
 
-def _loss(model, batches):
-    nll, n = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b.ids, attention_mask=b.mask).logits[:, :-1]
-        target = b.labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        nll = nll + F.cross_entropy(logits[keep], target[keep], reduction="sum")
-        n += int(keep.sum())
-    return nll / n
-
-
 def test_taylor_on_sorted_components_from_autograd():
     """Sorted components run at alpha / r_max at every rank, so component k >= R switched on at the reference is
     the full-rank model with its other side zeroed: autograd at rank r_max there gives its gradient."""
@@ -147,7 +135,7 @@ def test_taylor_on_sorted_components_from_autograd():
                 else:
                     layer.lora_dyB["default"][:, R:] = 0
         set_rank(check, 8)
-        _loss(check, batches).backward()
+        mean_response_loss(check, batches).backward()
         for name, layer in module_layers(check).items():
             grads[name, side] = (layer.lora_dyA if side == "A" else layer.lora_dyB)["default"].grad.clone()
     for i, (name, layer) in enumerate(module_layers(model).items()):
