@@ -103,11 +103,9 @@ def test_saved_sorted_adapter_loads_sorted(tmp_path):
 
 
 def test_truncation_setting_defaults_and_legacy():
-    assert QDyLoRAConfig().truncation == "svd"  # every row at r_max
-    assert QDyLoRAConfig(r_max_prob=0.5).truncation == "prefix"
-    assert QDyLoRAConfig(rank_per="step").truncation == "prefix"
+    assert QDyLoRAConfig().truncation == "prefix"
     assert QDyLoRAConfig(r_max_prob=0.0, truncation="svd").truncation == "svd"
-    saved = {k: v for k, v in QDyLoRAConfig().to_dict().items() if k != "truncation"}
+    saved = {k: v for k, v in QDyLoRAConfig(truncation="svd").to_dict().items() if k != "truncation"}
     assert QDyLoRAConfig.from_dict(saved).truncation == "prefix"  # runs saved before the setting kept components
 
 
@@ -158,7 +156,7 @@ def test_training_sorts_the_final_adapter_only(tiny_model_dir, data_file, tmp_pa
     args = ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--output", str(out), "--max-steps",
             "2", "--r-max", "8", "--batch-size", "2", "--save-steps", "1", "--max-seq-len", "64", "--lr", "5e-2",
             "--optim", "adamw_torch", "--sweep-ranks", ""]
-    assert main(args) == 0
+    assert main(args + ["--truncation", "svd"]) == 0
     assert json.loads((out / "run_config.json").read_text())["qdylora"]["truncation"] == "svd"
     meta, final = read_adapter(out / "adapter")
     ck_meta, trained = read_adapter(out / "checkpoint-2" / "adapter")
@@ -170,9 +168,9 @@ def test_training_sorts_the_final_adapter_only(tiny_model_dir, data_file, tmp_pa
     meta2, final2 = read_adapter(out / "adapter")
     assert meta2["svd_sorted"] is True
     _check_sorted_from(final2, trained, meta2["targets"])
-    # --truncation prefix keeps the trained components
+    # the default (--truncation prefix) keeps the trained components
     out3 = tmp_path / "prefix"
-    assert main(args[:6] + [str(out3)] + args[7:] + ["--truncation", "prefix"]) == 0
+    assert main(args[:6] + [str(out3)] + args[7:]) == 0
     meta3, final3 = read_adapter(out3 / "adapter")
     _, trained3 = read_adapter(out3 / "checkpoint-2" / "adapter")
     assert meta3["svd_sorted"] is False and all(torch.equal(final3[k], trained3[k]) for k in final3)

@@ -60,19 +60,17 @@ class QDyLoRAConfig:
     # rank_per 'example' and update nested / even (the defaults: every row at r_max won at every rank in
     # benchmarks/rank_sampling.py and the demo), else 0 (the rank draws as chosen)
     r_max_prob: float | None = None
-    # how the final adapter is cut to rank b: 'svd' re-expresses each module's full update by its singular vectors
-    # (rank b = the best rank-b approximation, scale alpha/r_max), 'prefix' keeps the trained components (rank b =
-    # the first b at alpha/b, DyLoRA). None: 'svd' when every row trains at r_max (r_max_prob 1: the components
-    # are not ordered by training), else 'prefix'
-    truncation: str | None = None
+    # how the final adapter is cut to rank b: 'prefix' keeps the trained components (rank b = the first b at
+    # alpha/b, DyLoRA); 'svd' re-expresses each module's full update by its singular vectors (rank b = its best
+    # rank-b approximation, scale alpha/r_max): better at low ranks after long runs, worse after short ones
+    # (README, "Rank sampling")
+    truncation: str = "prefix"
 
     def __post_init__(self) -> None:
         if self.max_rows is None:
             self.max_rows = 1 if self.rank_per in ("example", "example+module") else 0
         if self.r_max_prob is None:
             self.r_max_prob = 1.0 if self.rank_per == "example" and self.update in ("nested", "even") else 0.0
-        if self.truncation is None:
-            self.truncation = "svd" if self.r_max_prob == 1.0 else "prefix"
         self.validate()
 
     def validate(self) -> None:
