@@ -109,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapters-only", action="store_true",
                    help="with --adapters: skip (do not train) the runs it does not hold")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON")
+    p.add_argument("--lora-results", default=None, metavar="JSON",
+                   help="take the LoRA runs' held-out losses from this earlier results JSON of the same settings "
+                        "(same split, held-out set and steps) instead of evaluating them here")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, results under --work-dir only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -310,6 +313,12 @@ def main(argv=None) -> int:
         results.update(runs=old.get("runs", {}), lora=old.get("lora", {}), lora_seeds=old.get("lora_seeds", {}))
         if "base_loss" in old:
             results["base_loss"] = old["base_loss"]
+    if args.lora_results:
+        earlier = json.loads(Path(args.lora_results).read_text())
+        if earlier["config"]["steps"] != args.steps or earlier["config"]["heldout"] != args.heldout:
+            raise SystemExit(f"--lora-results {args.lora_results} has other settings (steps, held-out set)")
+        results.update(lora=earlier.get("lora", {}), lora_seeds=earlier.get("lora_seeds", {}),
+                       lora_from=args.lora_results)
     # the main comparison first (main run, LoRA at the budgets up to 8), so a partial result already answers it
     main_key = f"{args.main}_s{args.seed}"
     others = [s for s in SCORES if s != "loss"]  # the costly loss score on the main run only

@@ -165,7 +165,9 @@ def markdown(res: dict) -> str:
              + (f" QDyLoRA runs cut by --truncation {cfg['truncation']}"
                 + (" (components sorted by each module's singular values; rank b at alpha / r_max)."
                    if cfg["truncation"] == "svd" else " (the trained components; rank b at alpha / b).")
-                if cfg.get("truncation") else ""), ""]
+                if cfg.get("truncation") else "")
+             + (f" LoRA held-out losses from {res['lora_from']} (same settings and held-out set)."
+                if res.get("lora_from") else ""), ""]
     for key, run in res["runs"].items():
         scores = [s for s in SCORES if any(s in row for row in run["heldout"].values())]
         trained = f"{run['train_seconds']:.0f} s" if run.get("train_seconds") else "time not recorded"
