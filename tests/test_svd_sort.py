@@ -174,3 +174,25 @@ def test_training_sorts_the_final_adapter_only(tiny_model_dir, data_file, tmp_pa
     meta3, final3 = read_adapter(out3 / "adapter")
     _, trained3 = read_adapter(out3 / "checkpoint-2" / "adapter")
     assert meta3["svd_sorted"] is False and all(torch.equal(final3[k], trained3[k]) for k in final3)
+
+
+def test_sort_command_writes_a_sorted_copy_and_refuses_bad_outputs(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--output", str(out),
+                 "--max-steps", "2", "--r-max", "8", "--batch-size", "2", "--max-seq-len", "64", "--lr", "5e-2",
+                 "--optim", "adamw_torch", "--sweep-ranks", ""]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    meta, trained = read_adapter(out / "adapter")
+    assert main(["sort", str(out), "--output", str(tmp_path / "sorted")]) == 0
+    smeta, final = read_adapter(tmp_path / "sorted")
+    assert smeta["svd_sorted"] is True and meta["svd_sorted"] is False
+    _check_sorted_from(final, trained, smeta["targets"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the run is untouched
+    capsys.readouterr()
+    for args, says in ((["sort", str(tmp_path / "sorted"), "--output", str(tmp_path / "again")], "already svd-sorted"),
+                       (["sort", str(out), "--output", str(out / "inside")], "overlaps"),
+                       (["sort", str(out), "--output", str(tmp_path / "sorted")], "not empty")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and says in err and "\n" not in err
+    assert not (tmp_path / "again").exists() and not (out / "inside").exists()

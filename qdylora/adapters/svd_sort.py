@@ -11,9 +11,16 @@ trained components, which a resumed run needs.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import atomic_dir
+from ..errors import AdapterError
 from .attach import dylora_layers
 
 
@@ -49,3 +56,23 @@ def sort_components(model: nn.Module) -> nn.Module:
             layer.set_factors(*svd_sorted(*layer.factors()))
             layer.svd_sorted = True
     return model
+
+
+def sort_adapter(adapter_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
+                 protect: str | os.PathLike | None = None) -> Path:
+    """Write a saved adapter's components svd-sorted to a new adapter folder `output` (the source is left as it is;
+    `protect`: a folder the output must stay outside of, e.g. the source's run). Every input is checked first."""
+    from .export import check_output
+    from .files import CONFIG_NAME, SORTED_KEY, WEIGHTS_NAME, read_adapter, svd_sorted_meta
+
+    meta, tensors = read_adapter(adapter_dir)
+    if svd_sorted_meta(meta):
+        raise AdapterError(f"{adapter_dir} is already svd-sorted; use it as it is")
+    output = Path(output)
+    check_output(Path(adapter_dir), output, overwrite, Path(protect) if protect else None)
+    tensors = sorted_tensors(tensors, list(meta["targets"]))
+    with atomic_dir(output) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps({**meta, SORTED_KEY: True, "sorted_from": str(adapter_dir)},
+                                                  indent=2) + "\n")
+    return output

@@ -1,4 +1,4 @@
-"""The `qdylora` command line: train, export, sweep, plan (one module per command).
+"""The `qdylora` command line: train, export, sweep, plan, allocate, sort (one module per command).
 
 Every error a user can cause prints one line `error: ...` (what is wrong and what to do) and exits
 with code 2; Ctrl-C exits with 130.
@@ -10,9 +10,9 @@ import argparse
 import os
 import sys
 
-from . import allocate, export, plan, sweep, train
+from . import allocate, export, plan, sort, sweep, train
 
-COMMANDS = (train, export, sweep, plan, allocate)
+COMMANDS = (train, export, sweep, plan, allocate, sort)
 
 
 class OneLineParser(argparse.ArgumentParser):
