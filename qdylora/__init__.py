@@ -16,6 +16,7 @@ from .adapters.config import QDyLoRAConfig
 from .adapters.export import export_peft
 from .adapters.files import load_adapter, save_adapter
 from .adapters.rank_sampler import RankSampler
+from .adapters.svd_sort import sort_adapter, sort_components
 from .errors import AdapterError, ConfigError, DataError, QDyLoRAError, TrainingError
 from .load.model import load_model_and_tokenizer, load_quantized_model
 from .load.quantize import quantize_model
@@ -23,7 +24,7 @@ from .load.quantize import quantize_model
 __all__ = [
     "QDyLoRAConfig", "ConfigError", "DataError", "AdapterError", "TrainingError", "QDyLoRAError", "RankSampler",
     "load_quantized_model", "quantize_model", "attach_adapters", "set_rank", "set_backend", "dylora_layers",
-    "save_adapter", "load_adapter", "export_peft", "load_model_and_tokenizer", "train", "train_model", "TrainConfig",
+    "save_adapter", "load_adapter", "export_peft", "sort_components", "sort_adapter", "load_model_and_tokenizer", "train", "train_model", "TrainConfig",
 ]
 
 

@@ -6,6 +6,7 @@ from .export import export_peft
 from .files import load_adapter, save_adapter
 from .layer import DyLoRALinear
 from .rank_sampler import RankSampler
+from .svd_sort import sort_adapter, sort_components
 
 __all__ = ["DyLoRALinear", "QDyLoRAConfig", "RankSampler", "attach_adapters", "dylora_layers", "export_peft",
-           "load_adapter", "save_adapter", "set_backend", "set_rank"]
+           "load_adapter", "save_adapter", "set_backend", "set_rank", "sort_adapter", "sort_components"]
