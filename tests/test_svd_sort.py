@@ -196,3 +196,17 @@ def test_sort_command_writes_a_sorted_copy_and_refuses_bad_outputs(tiny_model_di
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and says in err and "\n" not in err
     assert not (tmp_path / "again").exists() and not (out / "inside").exists()
+
+
+def test_bad_truncation_settings_are_clear_errors(tmp_path):
+    from qdylora.errors import AdapterError, ConfigError
+
+    with pytest.raises(ConfigError, match="truncation='best' is unknown; use one of prefix, svd"):
+        QDyLoRAConfig(truncation="best")
+    save_adapter(_model(), tmp_path / "ad")
+    cfg = tmp_path / "ad" / "qdylora_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "svd_sorted": "yes"}))
+    with pytest.raises(AdapterError, match="'svd_sorted' must be true or false"):
+        read_adapter(tmp_path / "ad")
+    assert main(["train", "--output", str(tmp_path / "r"), "--truncation", "best"]) == 2
+    assert not (tmp_path / "r").exists()
