@@ -224,16 +224,14 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
                "last_checkpoint": trainer.last_checkpoint}
     if not stop_cb.requested:
         adapter = Path(output_dir) / ADAPTER_SUBDIR
-        if sharded and qcfg is not None and qcfg.truncation == "svd":
-            sort_components(model)  # every process: the sort gathers each layer's factors
+        if qcfg is not None and qcfg.truncation == "svd":
+            sort_components(model)  # every process (under FSDP the sort gathers each layer's factors)
         params = adapter_parameters(model) if sharded and qcfg is not None else None  # every process gathers
         try:
             if not trainer.is_world_process_zero():
                 pass
             elif qcfg is not None:
                 set_rank(model, qcfg.r_max)
-                if qcfg.truncation == "svd" and not sharded:
-                    sort_components(model)
                 save_adapter(model, adapter, extra={"global_step": trainer.state.global_step}, params=params)
             else:
                 model.save_pretrained(str(adapter))
