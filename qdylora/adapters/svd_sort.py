@@ -1,12 +1,12 @@
-"""Sort an adapter's components by the singular values of each module's full update (truncation 'svd').
+"""Sort an adapter's components by the singular values of each module's update (truncation 'svd').
 
 A run that trains every row at r_max (the default) is a rank-r_max LoRA whose components are in no order.
-Re-expressing each module's update (alpha/r_max) B A by its singular vectors, component k = sqrt(s_k) u_k
-(column of B) and sqrt(s_k) v_k (row of A), keeps the full-rank output and makes every prefix the best
-approximation of its rank (Eckart-Young), at the full adapter's scale alpha/r_max. So a sorted layer runs
-rank b at alpha/r_max instead of DyLoRA's alpha/b (`DyLoRALinear.svd_sorted`, config.rank_scale), and a saved
-adapter records it ("svd_sorted" in its metadata). Only the final adapter is sorted: checkpoints keep the
-trained components, which a resumed run needs.
+Re-expressing each module's B A by its singular vectors, component k = sqrt(s_k) u_k (column of B) and
+sqrt(s_k) v_k (row of A), keeps the full-rank output and makes every prefix the best approximation of its
+rank (Eckart-Young) at the full adapter's scale alpha/r_max. So a sorted layer runs rank b at alpha/r_max
+instead of DyLoRA's alpha/b (`DyLoRALinear.svd_sorted`, config.rank_scale), and a saved adapter records it
+("svd_sorted" in its metadata). Training with --truncation svd sorts only the final adapter (checkpoints keep
+the trained components a resume needs); `qdylora sort` writes a sorted copy of a saved adapter.
 """
 
 from __future__ import annotations
