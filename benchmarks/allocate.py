@@ -90,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="taylor's greedy from rank 0 (the committed 160- and 400-step tables) or from `qdylora "
                         "allocate`'s default --min-rank (1 from R = 2 up)")
     p.add_argument("--truncation", choices=("prefix", "svd"), default=None,
-                   help="how the QDyLoRA runs are cut to a rank (default: the CLI's, svd for the default rule; "
-                        "runs taken from --adapters are sorted here when svd)")
+                   help="how the QDyLoRA runs are cut to a rank (default: the CLI's, prefix; runs taken from "
+                        "--adapters are sorted here when svd)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench",
                    help="training runs (deleted at the end unless --keep-runs)")

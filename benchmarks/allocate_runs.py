@@ -20,9 +20,9 @@ def attach_qdylora(base, args, rank_per: str, seed: int):
     from qdylora.adapters.config import QDyLoRAConfig
 
     torch.manual_seed(seed)
+    cut = {"truncation": args.truncation} if getattr(args, "truncation", None) else {}
     return attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=args.r_max, alpha=args.alpha, update=args.update,
-                                               rank_per=rank_per, seed=seed,
-                                               truncation=getattr(args, "truncation", None)))
+                                               rank_per=rank_per, seed=seed, **cut))
 
 
 def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
