@@ -34,8 +34,8 @@ SETTINGS = [
     ("--rank-sampler", "qdylora", "rank_sampler", str, "the distribution ranks are drawn from"),
     ("--truncation", "qdylora", "truncation", str,
      "how the final adapter is cut to rank b: svd (components sorted by the singular values of each module's "
-     "update, rank b its best rank-b approximation; better at low ranks after long runs) or prefix (the first b "
-     "trained components at alpha/b, DyLoRA)"),
+     "update, rank b its best rank-b approximation; better at low ranks after long runs that train every row at "
+     "r_max, worse after drawn ranks) or prefix (the first b trained components at alpha/b, DyLoRA)"),
     ("--rank-list", "qdylora", "rank_list", str, "comma-separated ranks to draw from (implies --rank-sampler list)"),
     ("--target-modules", "qdylora", "target_modules", str,
      "comma-separated linear names to adapt, or all-linear (default: attention and MLP linears)"),
