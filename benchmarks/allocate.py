@@ -178,8 +178,7 @@ def taylor_pattern(model, calib, R: int, budget: int, reference: int | None = No
 def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: list[str], loss_budgets: list[int]) -> dict:
     """Patterns of every score at every budget, each timed (taylor and gradnorm share one gradient pass, counted in
     each one's seconds)."""
-    from qdylora.adapters.attach import module_layers
-    from qdylora.adapters.attach import qdylora_config_of
+    from qdylora.adapters.attach import module_layers, qdylora_config_of
     from qdylora.allocate.greedy import default_min_rank, greedy_allocate
     from qdylora.allocate.pattern import pattern_params
     from qdylora.allocate.scores import (compute_scores, gradnorm_scores, reference_gradients, taylor_scores)

@@ -24,7 +24,8 @@ from .load.quantize import quantize_model
 __all__ = [
     "QDyLoRAConfig", "ConfigError", "DataError", "AdapterError", "TrainingError", "QDyLoRAError", "RankSampler",
     "load_quantized_model", "quantize_model", "attach_adapters", "set_rank", "set_backend", "dylora_layers",
-    "save_adapter", "load_adapter", "export_peft", "sort_components", "sort_adapter", "load_model_and_tokenizer", "train", "train_model", "TrainConfig",
+    "save_adapter", "load_adapter", "export_peft", "sort_components", "sort_adapter", "load_model_and_tokenizer",
+    "train", "train_model", "TrainConfig",
 ]
 
 

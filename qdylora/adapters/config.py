@@ -27,11 +27,6 @@ SAMPLERS = ("uniform", "loguniform", "geometric", "list")
 TRUNCATIONS = ("prefix", "svd")
 
 
-def rank_scale(alpha: float, r_max: int, rank: int, svd_sorted: bool = False) -> float:
-    """The scale of the first `rank` components: DyLoRA's alpha / rank, or alpha / r_max for components sorted
-    by svd_sort (each keeps its share of the full update, so rank b is its best rank-b approximation)."""
-    return alpha / r_max if svd_sorted else alpha / rank
-
 
 @dataclass
 class QDyLoRAConfig:
@@ -137,8 +132,9 @@ class QDyLoRAConfig:
         return sorted({self.r_min, self.r_max} | {2 ** k for k in range(20) if self.r_min <= 2 ** k <= self.r_max})
 
     def scale(self, rank: int, svd_sorted: bool = False) -> float:
-        """The scale at rank b: alpha / b, or alpha / r_max when the components are svd-sorted (rank_scale)."""
-        return rank_scale(self.alpha, self.r_max, rank, svd_sorted)
+        """The scale of the first b components: DyLoRA's alpha / b, or alpha / r_max for components sorted by svd_sort
+        (each keeps its share of the full update, so rank b is its best rank-b approximation)."""
+        return self.alpha / (self.r_max if svd_sorted else rank)
 
     @property
     def targets(self) -> list[str]:

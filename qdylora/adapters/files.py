@@ -54,6 +54,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
         "base_model": base_fingerprint(_unwrap(model)), SORTED_KEY: dylora_layers(model)[0].svd_sorted,
         **(extra or {}),
     }
+    return write_adapter(directory, meta, tensors)
+
+
+def write_adapter(directory: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter folder (weights + config) from its metadata and tensors, atomically."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -4,22 +4,19 @@ A run that trains every row at r_max (the default) is a rank-r_max LoRA whose co
 Re-expressing each module's B A by its singular vectors, component k = sqrt(s_k) u_k (column of B) and
 sqrt(s_k) v_k (row of A), keeps the full-rank output and makes every prefix the best approximation of its
 rank (Eckart-Young) at the full adapter's scale alpha/r_max. So a sorted layer runs rank b at alpha/r_max
-instead of DyLoRA's alpha/b (`DyLoRALinear.svd_sorted`, config.rank_scale), and a saved adapter records it
+instead of DyLoRA's alpha/b (`DyLoRALinear.svd_sorted`, QDyLoRAConfig.scale), and a saved adapter records it
 ("svd_sorted" in its metadata). Training with --truncation svd sorts only the final adapter (checkpoints keep
 the trained components a resume needs); `qdylora sort` writes a sorted copy of a saved adapter.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import atomic_dir
 from ..errors import AdapterError
 from .attach import dylora_layers
 
@@ -63,16 +60,12 @@ def sort_adapter(adapter_dir: str | os.PathLike, output: str | os.PathLike, over
     """Write a saved adapter's components svd-sorted to a new adapter folder `output` (the source is left as it is;
     `protect`: a folder the output must stay outside of, e.g. the source's run). Every input is checked first."""
     from .export import check_output
-    from .files import CONFIG_NAME, SORTED_KEY, WEIGHTS_NAME, read_adapter, svd_sorted_meta
+    from .files import SORTED_KEY, read_adapter, svd_sorted_meta, write_adapter
 
     meta, tensors = read_adapter(adapter_dir)
     if svd_sorted_meta(meta):
         raise AdapterError(f"{adapter_dir} is already svd-sorted; use it as it is")
     output = Path(output)
     check_output(Path(adapter_dir), output, overwrite, Path(protect) if protect else None)
-    tensors = sorted_tensors(tensors, list(meta["targets"]))
-    with atomic_dir(output) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps({**meta, SORTED_KEY: True, "sorted_from": str(adapter_dir)},
-                                                  indent=2) + "\n")
-    return output
+    return write_adapter(output, {**meta, SORTED_KEY: True, "sorted_from": str(adapter_dir)},
+                         sorted_tensors(tensors, list(meta["targets"])))

@@ -10,8 +10,8 @@ def register(sub) -> None:
                        description="Re-express each module's update by its singular vectors, largest first, and "
                                    "write the result as a new qdylora adapter folder: the full adapter is unchanged, "
                                    "rank b becomes its best rank-b approximation (what `train --truncation svd` "
-                                   "writes). Meant for runs that train every row at r_max (the default rule); sweep, allocate and "
-                                   "export take the new folder; sweep both to choose.")
+                                   "writes). Meant for runs that train every row at r_max (the default rule); "
+                                   "sweep, allocate and export take the new folder; sweep both to choose.")
     p.add_argument("adapter_dir", metavar="DIR", help="a qdylora adapter folder (RUN/adapter) or a run folder")
     p.add_argument("--output", required=True, help="folder for the sorted adapter (outside the run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")

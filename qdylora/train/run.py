@@ -117,18 +117,13 @@ def _prepare_resume(out: Path, given: dict[str, Any]) -> tuple[dict[str, Any], P
 def finish_from_checkpoint(out: Path, ckpt: Path, step: int) -> None:
     """Write the final adapter/ from a checkpoint's adapter (training had reached max_steps), svd-sorted as
     train_model sorts it when the run's truncation is 'svd'."""
-    from safetensors.torch import save_file
-
-    from ..adapters.files import CONFIG_NAME, SORTED_KEY, WEIGHTS_NAME, adapter_config, read_adapter, svd_sorted_meta
+    from ..adapters.files import SORTED_KEY, adapter_config, read_adapter, svd_sorted_meta, write_adapter
     from ..adapters.svd_sort import sorted_tensors
-    from ..atomic import atomic_dir
 
     meta, tensors = read_adapter(ckpt / ADAPTER_SUBDIR)
     if adapter_config(meta).truncation == "svd" and not svd_sorted_meta(meta):
         tensors, meta = sorted_tensors(tensors, meta["targets"]), {**meta, SORTED_KEY: True}
-    with atomic_dir(out / ADAPTER_SUBDIR) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps({**meta, "global_step": step}, indent=2) + "\n")
+    write_adapter(out / ADAPTER_SUBDIR, {**meta, "global_step": step}, tensors)
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
