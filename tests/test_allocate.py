@@ -19,6 +19,7 @@ from qdylora.allocate.scores import (gradnorm_scores, loss_scores, norm_scores, 
                                      taylor_scores)
 from qdylora.data.examples import IGNORE_INDEX
 from qdylora.errors import ConfigError
+from qdylora.eval.common import length_batches
 from qdylora.eval.loss import evaluate_examples
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -233,6 +234,45 @@ def test_taylor_and_gradnorm_from_autograd():
     i = gradnorm.names.index(V1)
     assert float(gradnorm.gains[i, 0]) * 8 == pytest.approx(float(torch.cat([gA.flatten(), gB.flatten()]).norm()),
                                                               rel=1e-5)
+
+
+def test_length_batches_cut_to_the_fewest_padded_tokens():
+    """Hand-computed: lengths 128 x 5, 72, 53, 50 at a pass cost of 64 tokens. One batch of 8 pads to 1024 + 64;
+    [5 x 128] + [72, 53, 50] costs 640 + 216 + 128 = 984, the minimum (a third batch adds 64 to save 38)."""
+    lengths = [128, 50, 128, 53, 128, 72, 128, 128]
+    assert length_batches(lengths, 8, pass_cost=64) == [[0, 2, 4, 6, 7], [5, 3, 1]]
+    # at 4 a batch: [5 x 128] + [72] + [53, 50] = 818 + 12 beats four batches (815 + 16) and two (856 + 8)
+    assert length_batches(lengths, 8, pass_cost=4) == [[0, 2, 4, 6, 7], [5], [3, 1]]
+    # at most batch_size rows: [128] + [128 x 4] + [72, 53, 50] = 128 + 512 + 216 + 3 x 64 beats [128 x 4] + [...]
+    assert length_batches(lengths, 4, pass_cost=64) == [[0], [2, 4, 6, 7], [5, 3, 1]]
+    assert length_batches(lengths, 4) == [[0, 2, 4, 6], [7, 5, 3, 1]]  # pass_cost 0: plain chunks
+    assert length_batches([], 3, pass_cost=64) == []
+
+
+def test_taylor_gradients_do_not_depend_on_the_batch_cut():
+    """The reference gradients of cut batches equal plain autograd over one padded batch of the same examples."""
+    g = torch.Generator().manual_seed(7)
+    lengths = [12, 5, 12, 7]
+    rows = [torch.randint(1, 256, (n,), generator=g) for n in lengths]
+    def batch(idx):
+        ids = torch.zeros(len(idx), max(lengths[i] for i in idx), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, :lengths[i]], mask[r, :lengths[i]] = rows[i], 1
+        labels = ids.clone()
+        labels[:, :3] = IGNORE_INDEX
+        labels[mask == 0] = IGNORE_INDEX
+        return CalibBatch(ids, mask, labels)
+    cut = [batch(b) for b in length_batches(lengths, 4, pass_cost=3)]
+    assert [c.ids.shape for c in cut] == [(2, 12), (2, 7)]  # the second batch pads the 5-token example
+    ref = reference_gradients(_model(), cut, 4)
+    check = _model()
+    set_rank(check, 4)
+    mean_response_loss(check, [batch([0, 1, 2, 3])]).backward()
+    for name, layer in module_layers(check).items():
+        torch.testing.assert_close(ref.grads[name][0][:4], layer.lora_dyA["default"].grad[:4], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ref.grads[name][1][:, :4], layer.lora_dyB["default"].grad[:, :4], rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_loss_score_equals_separate_evaluations():

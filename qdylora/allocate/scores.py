@@ -112,12 +112,13 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         factors[name] = (A, B)
         grads[name] = (torch.zeros_like(A), torch.zeros_like(B))
 
-    real = None  # the current batch's attention mask: padded positions get no gradient, so their rows are skipped
+    # the current batch's positions (flat) and its real ones: padded positions get no gradient, so their rows are
+    # skipped (inputs not laid out as [rows, positions, features] are taken whole)
+    positions, keep = 0, None
 
     def rows(t: torch.Tensor) -> torch.Tensor:
-        if real is not None and t.shape[:2] == real.shape:
-            t = t[real]
-        return t.reshape(-1, t.shape[-1]).float()
+        t = t.reshape(-1, t.shape[-1])
+        return (t.index_select(0, keep) if keep is not None and t.shape[0] == positions else t).float()
 
     def capture(name):
         def hook(_module, args, output):
@@ -126,8 +127,9 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
             def on_grad(dy):
                 A, B = factors[name]
                 x2, dy2 = rows(x), rows(dy)
-                grads[name][0].add_(scale * (dy2 @ B).t() @ x2)
-                grads[name][1].add_(scale * dy2.t() @ (x2 @ A.t()))
+                # the scale goes on the [tokens, r_max] products, the smallest tensors on the way
+                grads[name][0].addmm_((dy2 @ B).mul_(scale).t(), x2)
+                grads[name][1].addmm_(dy2.t(), (x2 @ A.t()).mul_(scale))
             output.register_hook(on_grad)
         return hook
 
@@ -139,7 +141,8 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
         try:
             for batch in batches:
-                real = batch.mask.bool()
+                flat = batch.mask.reshape(-1).bool()
+                positions, keep = flat.numel(), (None if bool(flat.all()) else flat.nonzero().squeeze(1))
                 loss = response_sums(model, batch.ids, batch.mask, batch.labels)[:, 0].sum() / total
                 loss.backward()
                 mean_loss += float(loss.detach())

@@ -150,12 +150,30 @@ def logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, at: torch
     return logits[at[:, at.shape[1] - logits.shape[1]:]]
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first: memory trouble shows at once)."""
+def length_batches(lengths: Sequence[int], batch_size: int, pass_cost: int = 0) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (memory trouble shows at once).
+
+    pass_cost 0: batches of batch_size in that order. pass_cost > 0: the same order cut into batches of at most
+    batch_size that minimise the padded tokens (rows x longest) plus pass_cost tokens per batch, a forward pass's
+    fixed work (dequantizing every weight) in tokens.
+    """
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be >= 1")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if pass_cost <= 0:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # best[j]: the cheapest cut of order[:j]; a batch order[i:j] pads to lengths[order[i]], its longest
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(max(0, j - batch_size), j):
+            cost = best[i] + (j - i) * lengths[order[i]] + pass_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(order)
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [order[i:j] for i, j in reversed(bounds)]
 
 
 def run_ranks(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ranks: list[int] | None,
