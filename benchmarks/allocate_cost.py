@@ -90,7 +90,9 @@ def markdown(res: dict) -> str:
     lines = [f"# Cost of a taylor allocation against its training run ({res['machine']})", "",
              f"SmolLM2-135M-Instruct NF4, Alpaca, QDyLoRA rank_per={cfg['main']}: batch {cfg['batch_size']}, max "
              f"{cfg['max_seq_len']} tokens, r_max {cfg['r_max']}; calibration: the first {cfg['calib']} training "
-             f"examples ({cfg['calib_tokens']} response tokens). {len(res['rounds'])} round(s) in one process; each "
+             f"examples ({cfg['calib_tokens']} response tokens; batches of rows x positions "
+             f"{', '.join('x'.join(map(str, b)) for b in cfg.get('calib_batches', []))}). "
+             f"{len(res['rounds'])} round(s) in one process; each "
              f"trains {cfg['short']} and {cfg['long']} steps, so a {cfg['steps']}-step run takes short + "
              f"({cfg['steps']} - {cfg['short']}) x per-step, then times the allocation (gradient pass, scores, "
              "greedy) at every budget.", "",
@@ -150,6 +152,7 @@ def main(argv=None) -> int:
     cfg = {k: getattr(args, k) for k in ("steps", "short", "long", "batch_size", "max_seq_len", "r_max", "main",
                                          "calib", "budgets", "threads", "seed")}
     cfg["calib_tokens"] = sum(b.tokens for b in calib)
+    cfg["calib_batches"] = [list(b.ids.shape) for b in calib]
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                       f"{args.threads} thread(s)", "config": cfg, "rounds": rounds,
            "summary": summarise(rounds, args.budgets)}
