@@ -165,13 +165,15 @@ def pattern_view(ranks: dict, costs: dict) -> dict:
             "modules_off": sum(1 for r in ranks.values() if r == 0), "max_rank": max(ranks.values())}
 
 
-def taylor_pattern(model, calib, R: int, budget: int, reference: int | None = None) -> tuple[dict, float]:
-    """(ranks, seconds) of the taylor allocation at reference rank `reference` (default R) under `budget` values."""
+def taylor_pattern(model, calib, R: int, budget: int, reference: int | None = None,
+                   min_rank: int = 0) -> tuple[dict, float]:
+    """(ranks, seconds) of the taylor allocation at reference rank `reference` (default R) under `budget` values,
+    every module at min_rank or more."""
     from qdylora.allocate.greedy import greedy_allocate
     from qdylora.allocate.scores import taylor_scores
 
     t0 = time.perf_counter()
-    ranks = greedy_allocate(taylor_scores(model, calib, reference or R), budget)
+    ranks = greedy_allocate(taylor_scores(model, calib, reference or R), budget, min_rank)
     return ranks, time.perf_counter() - t0
 
 

@@ -5,6 +5,8 @@ held-out examples), `taylor`'s pattern at each budget of average rank R is chose
 examples for every N in --sizes and compared on held-out loss with the uniform rank R of the same run. Each
 allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
 `--reference r_max` scores at the full rank instead of R (what gradients collected while training would give).
+The size `held` chooses the pattern on the held-out examples themselves: an in-sample ceiling (the evaluation data
+picks the pattern), bounding what any calibration set could get from the taylor allocation on that run.
 
 Writes benchmarks/results/allocate_calibration.{json,md,png} (--stem: other names).
 
@@ -29,39 +31,50 @@ import allocate as bench  # noqa: E402
 import allocate_study as study  # noqa: E402
 
 STEM = "allocate_calibration"
+HELD = "held"  # the size that calibrates on the held-out set itself
+
+
+def size_label(n) -> str:
+    return "the held-out set (in-sample)" if n == HELD else f"N = {n}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench.sub_parser(__doc__)
-    p.add_argument("--sizes", default="8,32,64", help="calibration examples N (the first N of the training split)")
+    p.add_argument("--sizes", default="8,32,64",
+                   help="calibration examples N (the first N of the training split); 'held': the held-out set itself")
     p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
     p.add_argument("--reference", default="R", choices=("R", "r_max"),
                    help="taylor's reference rank: the budget's R (qdylora allocate's) or r_max")
     own, args = bench.parse_sub(p, argv)
-    args.sizes, args.seeds = bench.ints(own.sizes), bench.ints(own.seeds)
+    args.sizes = [n if n == HELD else int(n) for n in (x.strip() for x in own.sizes.split(",")) if n]
+    args.seeds = bench.ints(own.seeds)
     args.reference = own.reference
     if args.stem == bench.STEM:
         args.stem = STEM
     if args.smoke:
-        args.sizes, args.seeds, args.budgets = [1, 2], [0], [1]
+        args.sizes, args.seeds, args.budgets = [1, HELD], [0], [1]
     return args
 
 
 def measure_run(model, train_recs, held, tok, args) -> dict:
     """Per budget: the uniform rank's held-out loss and, per calibration size, the pattern's and its seconds."""
-    from qdylora.adapters.attach import module_layers
+    from qdylora.adapters.attach import module_layers, qdylora_config_of
     from qdylora.allocate.calib import calibration_batches
+    from qdylora.allocate.greedy import default_min_rank
 
     layers = module_layers(model)
     names = list(layers)
     total = sum(layer.in_features + layer.out_features for layer in layers.values())
+    costs = {n: layer.in_features + layer.out_features for n, layer in layers.items()}
     out = {}
     for R in args.budgets:
+        floor = default_min_rank(R * total, costs, qdylora_config_of(model)) if args.taylor_floor == "default" else 0
         patterns, seconds, tokens = {}, {}, {}
         for n in args.sizes:
-            calib = calibration_batches(train_recs[:n], tok, args.max_seq_len, args.eval_batch_size)
+            calib = held if n == HELD else calibration_batches(train_recs[:n], tok, args.max_seq_len,
+                                                                args.eval_batch_size)
             reference = args.r_max if args.reference == "r_max" else R
-            patterns[n], seconds[n] = bench.taylor_pattern(model, calib, R, R * total, reference)
+            patterns[n], seconds[n] = bench.taylor_pattern(model, calib, R, R * total, reference, floor)
             tokens[n] = sum(b.tokens for b in calib)
         configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
         losses = bench.heldout_losses(model, held, configs)
@@ -94,14 +107,17 @@ def summarise(res: dict) -> dict:
 def markdown(res: dict) -> str:
     runs = res["runs"]
     sizes = list(next(iter(next(iter(runs.values()))["budgets"].values()))["by_size"])
+    cfg = res["config"]
+    floor = "1 from R = 2 up (qdylora allocate's default)" if cfg.get("taylor_floor") == "default" else "0"
+    cut = ", svd-sorted adapters" if cfg.get("truncation") == "svd" else ""
     lines = [f"# taylor allocation against calibration size ({res['machine']})", "",
              f"{res['config']['model']}; default-rule runs, {res['config']['steps']} steps x batch "
              f"{res['config']['batch_size']}; held-out: {res['config']['n_heldout']} examples; taylor at reference "
-             f"rank {res['config'].get('reference', 'R')}. Cells: held-out loss "
+             f"rank {cfg.get('reference', 'R')}, greedy from rank {floor}{cut}. Cells: held-out loss "
              "of taylor's pattern minus the uniform rank R of the same run, per seed (negative: the pattern wins); "
              "the seeds' spread is the run-to-run noise of the gain.", "",
              "| R | uniform (" + ", ".join(f"s{r['seed']}" for r in runs.values()) + ") | "
-             + " | ".join(f"N = {n}" for n in sizes) + " |",
+             + " | ".join(size_label(n) for n in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
     for R, per in res["summary"]["per_budget"].items():
         uni = " / ".join(f"{r['budgets'][R]['uniform']:.4f}" for r in runs.values())
@@ -110,11 +126,12 @@ def markdown(res: dict) -> str:
         lines.append(f"| {R} | {uni} | " + " | ".join(cells) + " |")
     first = next(iter(runs.values()))
     R0 = next(iter(first["budgets"]))
-    lines += ["", "| N | response tokens | seconds per allocation (mean) | % of the run's training time |",
+    lines += ["", "| calibration | response tokens | seconds per allocation (mean) | % of the run's training time |",
               "|---|---|---|---|"]
     for n in sizes:
         secs = [a["by_size"][n]["seconds"] for r in runs.values() for a in r["budgets"].values()]
-        lines.append(f"| {n} | {first['budgets'][R0]['by_size'][n]['calib_tokens']} | {sum(secs) / len(secs):.1f} | "
+        lines.append(f"| {size_label(n)} | {first['budgets'][R0]['by_size'][n]['calib_tokens']} | "
+                     f"{sum(secs) / len(secs):.1f} | "
                      f"{res['summary']['percent_of_training'].get(n, '-')} |")
     return "\n".join(lines) + "\n"
 
@@ -122,7 +139,7 @@ def markdown(res: dict) -> str:
 def plot(res: dict, path: Path) -> None:
     series = []
     for R, per in res["summary"]["per_budget"].items():
-        sizes = [int(n) for n in per]
+        sizes = [int(n) for n in per if n != HELD]  # the in-sample ceiling is in the table only
         seeds = [[run["budgets"][R]["by_size"][str(n)]["delta"] for n in sizes] for run in res["runs"].values()]
         series.append((f"R = {R} (mean)", sizes, [per[str(n)]["mean_delta"] for n in sizes], seeds))
     study.gain_plot(path, series, "calibration examples N", "held-out loss: taylor pattern - uniform rank R",
