@@ -27,6 +27,10 @@ r = 8 and a second LoRA seed at R = 1, 2, 4, 8 were trained later the same way a
 with QDyLoRAConfig(r_max_prob=0.5 / 0), seed 0, trained the same way and named as the main run in a folder DIR
 holding links to allocate_400's LoRA runs, then `--steps 400 --adapters DIR --work-dir DIR --keep-runs
 --adapters-only --compare '' --loss-budgets '' --budgets 1,2,4,8 --taylor-floor default --stem ...`.
+allocate_400_module.*: two 400-step `--rank-per module` runs (seeds 0, 1) trained side by side by a driver calling
+qdylora_run(..., "module", None) with `--steps 400 --keep-runs`, then `--steps 400 --adapters DIR --work-dir DIR
+--keep-runs --adapters-only --main module --noise-seed 1 --compare '' --budgets 1,2,4,8 --loss-budgets ''
+--taylor-floor default --lora-results benchmarks/results/allocate_400.json --stem allocate_400_module`.
 """
 
 from __future__ import annotations
