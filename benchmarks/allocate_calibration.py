@@ -64,8 +64,8 @@ def measure_run(model, train_recs, held, tok, args) -> dict:
 
     layers = module_layers(model)
     names = list(layers)
-    total = sum(layer.in_features + layer.out_features for layer in layers.values())
     costs = {n: layer.in_features + layer.out_features for n, layer in layers.items()}
+    total = sum(costs.values())
     out = {}
     for R in args.budgets:
         floor = default_min_rank(R * total, costs, qdylora_config_of(model)) if args.taylor_floor == "default" else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -163,11 +164,11 @@ def length_batches(lengths: Sequence[int], batch_size: int, pass_cost: int = 0) 
     if pass_cost <= 0:
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     # best[j]: the cheapest cut of order[:j]; a batch order[i:j] pads to lengths[order[i]], its longest
-    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
     for j in range(1, len(order) + 1):
         for i in range(max(0, j - batch_size), j):
             cost = best[i] + (j - i) * lengths[order[i]] + pass_cost
-            if best[j] is None or cost < best[j]:
+            if cost < best[j]:
                 best[j], cut[j] = cost, i
     bounds, j = [], len(order)
     while j > 0:
