@@ -1,10 +1,11 @@
-"""How much calibration data the `taylor` allocation needs: held-out gain over the uniform rank per calibration size.
+"""How much calibration data an allocation needs: held-out gain over the uniform rank per calibration size.
 
-On benchmarks/allocate.py's main runs (the default rule at seeds 0 and 1; its settings, data split and 64
+On benchmarks/allocate.py's main runs (the default rule, or --main's, at seeds 0 and 1; its settings, data split and 64
 held-out examples), `taylor`'s pattern at each budget of average rank R is chosen from the first N training
 examples for every N in --sizes and compared on held-out loss with the uniform rank R of the same run. Each
 allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
-`--reference r_max` scores at the full rank instead of R (what gradients collected while training would give).
+`--reference r_max` scores at the full rank instead of R (what gradients collected while training would give);
+`--score gradnorm` measures HeteroLoRA's per-module on/off score instead; `--main module` the `--rank-per module` runs.
 The size `held` chooses the pattern on the held-out examples themselves: an in-sample ceiling (the evaluation data
 picks the pattern), bounding what any calibration set could get from the taylor allocation on that run.
 
@@ -45,15 +46,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
     p.add_argument("--reference", default="R", choices=("R", "r_max"),
                    help="taylor's reference rank: the budget's R (qdylora allocate's) or r_max")
+    p.add_argument("--score", default="taylor", choices=("taylor", "gradnorm"), help="the score to allocate by")
     own, args = bench.parse_sub(p, argv)
     args.sizes = [n if n == HELD else int(n) for n in (x.strip() for x in own.sizes.split(",")) if n]
     args.seeds = bench.ints(own.seeds)
-    args.reference = own.reference
+    args.reference, args.score = own.reference, own.score
     if args.stem == bench.STEM:
-        args.stem = STEM
+        args.stem = STEM + ("" if args.score == "taylor" else f"_{args.score}")
     if args.smoke:
         args.sizes, args.seeds, args.budgets = [1, HELD], [0], [1]
     return args
+
+
+def score_pattern(model, calib, R: int, budget: int, reference: int, floor: int, score: str) -> tuple[dict, float]:
+    """(ranks, seconds) of `score`'s allocation at reference rank `reference` under `budget` values (gradnorm: each
+    module off or on as a whole, no floor)."""
+    if score == "taylor":
+        return bench.taylor_pattern(model, calib, R, budget, reference, floor)
+    from qdylora.allocate.greedy import greedy_allocate
+    from qdylora.allocate.scores import gradnorm_scores
+
+    t0 = time.perf_counter()
+    ranks = greedy_allocate(gradnorm_scores(model, calib, reference), budget)
+    return ranks, time.perf_counter() - t0
 
 
 def measure_run(model, train_recs, held, tok, args) -> dict:
@@ -74,7 +89,7 @@ def measure_run(model, train_recs, held, tok, args) -> dict:
             calib = held if n == HELD else calibration_batches(train_recs[:n], tok, args.max_seq_len,
                                                                 args.eval_batch_size)
             reference = args.r_max if args.reference == "r_max" else R
-            patterns[n], seconds[n] = bench.taylor_pattern(model, calib, R, R * total, reference, floor)
+            patterns[n], seconds[n] = score_pattern(model, calib, R, R * total, reference, floor, args.score)
             tokens[n] = sum(b.tokens for b in calib)
         configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
         losses = bench.heldout_losses(model, held, configs)
@@ -108,14 +123,17 @@ def markdown(res: dict) -> str:
     runs = res["runs"]
     sizes = list(next(iter(next(iter(runs.values()))["budgets"].values()))["by_size"])
     cfg = res["config"]
+    score = cfg.get("score", "taylor")
     floor = "1 from R = 2 up (qdylora allocate's default)" if cfg.get("taylor_floor") == "default" else "0"
+    how = (f"taylor at reference rank {cfg.get('reference', 'R')}, greedy from rank {floor}" if score == "taylor"
+           else f"gradnorm at reference rank {cfg.get('reference', 'R')} (each module off or on at twice it)")
     cut = ", svd-sorted adapters" if cfg.get("truncation") == "svd" else ""
-    lines = [f"# taylor allocation against calibration size ({res['machine']})", "",
-             f"{res['config']['model']}; default-rule runs, {res['config']['steps']} steps x batch "
-             f"{res['config']['batch_size']}; held-out: {res['config']['n_heldout']} examples; taylor at reference "
-             f"rank {cfg.get('reference', 'R')}, greedy from rank {floor}{cut}. Cells: held-out loss "
-             "of taylor's pattern minus the uniform rank R of the same run, per seed (negative: the pattern wins); "
-             "the seeds' spread is the run-to-run noise of the gain.", "",
+    rule = "default-rule" if cfg.get("main", "example") == "example" else f"--rank-per {cfg['main']}"
+    lines = [f"# {score} allocation against calibration size ({res['machine']})", "",
+             f"{res['config']['model']}; {rule} runs, {res['config']['steps']} steps x batch "
+             f"{res['config']['batch_size']}; held-out: {res['config']['n_heldout']} examples; {how}{cut}. Cells: "
+             f"held-out loss of {score}'s pattern minus the uniform rank R of the same run, per seed (negative: the "
+             "pattern wins); the seeds' spread is the run-to-run noise of the gain.", "",
              "| R | uniform (" + ", ".join(f"s{r['seed']}" for r in runs.values()) + ") | "
              + " | ".join(size_label(n) for n in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
@@ -142,8 +160,9 @@ def plot(res: dict, path: Path) -> None:
         sizes = [int(n) for n in per if n != HELD]  # the in-sample ceiling is in the table only
         seeds = [[run["budgets"][R]["by_size"][str(n)]["delta"] for n in sizes] for run in res["runs"].values()]
         series.append((f"R = {R} (mean)", sizes, [per[str(n)]["mean_delta"] for n in sizes], seeds))
-    study.gain_plot(path, series, "calibration examples N", "held-out loss: taylor pattern - uniform rank R",
-                    "taylor allocation vs calibration size (x: each seed)")
+    score = res["config"].get("score", "taylor")
+    study.gain_plot(path, series, "calibration examples N", f"held-out loss: {score} pattern - uniform rank R",
+                    f"{score} allocation vs calibration size (x: each seed)")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""What the studies on benchmarks/allocate.py's default-rule runs share: their start, the runs per seed, saving."""
+"""What the studies on benchmarks/allocate.py's main runs (the default rule, or --main's) share: their start, the
+runs per seed, saving."""
 
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ def start(args) -> tuple:
 
 
 def default_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Module, dict]]:
-    """(seed, model in eval mode, training record) of the default-rule run of every seed in args.seeds: taken from
+    """(seed, model in eval mode, training record) of the main-rule run (--main) of every seed in args.seeds: taken from
     --adapters when it holds the run, else trained."""
     for seed in args.seeds:
-        print(f"== default rule, seed {seed}", flush=True)
+        print(f"== rank_per={args.main}, seed {seed}", flush=True)
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
         found = allocate_runs.reused(args, f"{args.main}-{args.update}", args.steps, seed)
         model, arm = allocate_runs.qdylora_run(run_args, base, tok, dataset, args.main, found)
@@ -49,7 +50,7 @@ def default_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Modul
 
 def measure_runs(args, base, tok, dataset, res: dict, measure: Callable, report: tuple[Callable, Callable, Callable],
                  t_start: float) -> int:
-    """Every default-rule run measured by measure(model) (its per-budget results) into res["runs"], saved after each
+    """Every main-rule run measured by measure(model) (its per-budget results) into res["runs"], saved after each
     with report = (summarise, markdown, plot); prints the table."""
     summarise, markdown, plot = report
     for seed, model, arm in default_runs(args, base, tok, dataset):
