@@ -10,6 +10,9 @@ The size `held` chooses the pattern on the held-out examples themselves: an in-s
 picks the pattern), bounding what any calibration set could get from the taylor allocation on that run.
 
 Writes benchmarks/results/allocate_calibration.{json,md,png} (--stem: other names).
+allocate_calibration_400_module_{taylor,gradnorm}.*: the two 400-step `--rank-per module` runs of allocate_400_module,
+`--steps 400 --adapters DIR --adapters-only --main module --budgets 1,2,4,8 --taylor-floor default --truncation prefix
+--sizes 8,held --score S --stem ...` (both scores side by side).
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
     python benchmarks/allocate_calibration.py --adapters DIR         # runs kept by allocate.py --keep-runs
