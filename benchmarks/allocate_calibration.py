@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = bench.sub_parser(__doc__)
     p.add_argument("--sizes", default="8,32,64",
                    help="calibration examples N (the first N of the training split); 'held': the held-out set itself")
-    p.add_argument("--seeds", default="0,1", help="seeds of the default-rule runs")
+    p.add_argument("--seeds", default="0,1", help="seeds of the main-rule runs (--main)")
     p.add_argument("--reference", default="R", choices=("R", "r_max"),
                    help="taylor's reference rank: the budget's R (qdylora allocate's) or r_max")
     p.add_argument("--score", default="taylor", choices=("taylor", "gradnorm"), help="the score to allocate by")

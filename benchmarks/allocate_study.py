@@ -36,7 +36,7 @@ def start(args) -> tuple:
     return train_recs, held, base, tok, dataset, res
 
 
-def default_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Module, dict]]:
+def main_runs(args, base, tok, dataset) -> Iterator[tuple[int, torch.nn.Module, dict]]:
     """(seed, model in eval mode, training record) of the main-rule run (--main) of every seed in args.seeds: taken from
     --adapters when it holds the run, else trained."""
     for seed in args.seeds:
@@ -53,7 +53,7 @@ def measure_runs(args, base, tok, dataset, res: dict, measure: Callable, report:
     """Every main-rule run measured by measure(model) (its per-budget results) into res["runs"], saved after each
     with report = (summarise, markdown, plot); prints the table."""
     summarise, markdown, plot = report
-    for seed, model, arm in default_runs(args, base, tok, dataset):
+    for seed, model, arm in main_runs(args, base, tok, dataset):
         res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "train_seconds": arm.get("train_seconds"),
                                                "trained_by": arm.get("trained_by", "this script"),
                                                "budgets": measure(model)}
