@@ -1,13 +1,13 @@
 """How much calibration data an allocation needs: held-out gain over the uniform rank per calibration size.
 
 On benchmarks/allocate.py's main runs (the default rule, or --main's, at seeds 0 and 1; its settings, data split and 64
-held-out examples), `taylor`'s pattern at each budget of average rank R is chosen from the first N training
-examples for every N in --sizes and compared on held-out loss with the uniform rank R of the same run. Each
-allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
+held-out examples), the score's pattern (`taylor` by default) at each budget of average rank R is chosen from the
+first N training examples for every N in --sizes and compared on held-out loss with the uniform rank R of the
+same run. Each allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
 `--reference r_max` scores at the full rank instead of R (what gradients collected while training would give);
 `--score gradnorm` measures HeteroLoRA's per-module on/off score instead; `--main module` the `--rank-per module` runs.
 The size `held` chooses the pattern on the held-out examples themselves: an in-sample ceiling (the evaluation data
-picks the pattern), bounding what any calibration set could get from the taylor allocation on that run.
+picks the pattern), bounding what any calibration set could get from that score's allocation on that run.
 
 Writes benchmarks/results/allocate_calibration.{json,md,png} (--stem: other names).
 allocate_calibration_400_module_{taylor,gradnorm}.*: the two 400-step `--rank-per module` runs of allocate_400_module,
