@@ -169,16 +169,16 @@ def pattern_view(ranks: dict, costs: dict) -> dict:
             "modules_off": sum(1 for r in ranks.values() if r == 0), "max_rank": max(ranks.values())}
 
 
-def taylor_pattern(model, calib, R: int, budget: int, reference: int | None = None,
-                   min_rank: int = 0) -> tuple[dict, float]:
-    """(ranks, seconds) of the taylor allocation at reference rank `reference` (default R) under `budget` values,
-    every module at min_rank or more."""
+def score_pattern(model, calib, R: int, budget: int, reference: int | None = None, min_rank: int = 0,
+                  score: str = "taylor") -> tuple[dict, float]:
+    """(ranks, seconds) of `score`'s allocation at reference rank `reference` (default R) under `budget` values, every
+    module at min_rank or more (gradnorm switches whole modules: give it 0)."""
     from qdylora.allocate.greedy import greedy_allocate
-    from qdylora.allocate.scores import taylor_scores
+    from qdylora.allocate.scores import compute_scores
 
     t0 = time.perf_counter()
-    ranks = greedy_allocate(taylor_scores(model, calib, reference or R), budget, min_rank)
-    return ranks, time.perf_counter() - t0
+    table = compute_scores(score, model, calib, reference or R, progress=False)
+    return greedy_allocate(table, budget, min_rank), time.perf_counter() - t0
 
 
 def allocate_all(model, calib, loss_calib, args, budgets: list[int], scores: list[str], loss_budgets: list[int]) -> dict:

@@ -61,19 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def score_pattern(model, calib, R: int, budget: int, reference: int, floor: int, score: str) -> tuple[dict, float]:
-    """(ranks, seconds) of `score`'s allocation at reference rank `reference` under `budget` values (gradnorm: each
-    module off or on as a whole, no floor)."""
-    if score == "taylor":
-        return bench.taylor_pattern(model, calib, R, budget, reference, floor)
-    from qdylora.allocate.greedy import greedy_allocate
-    from qdylora.allocate.scores import gradnorm_scores
-
-    t0 = time.perf_counter()
-    ranks = greedy_allocate(gradnorm_scores(model, calib, reference), budget)
-    return ranks, time.perf_counter() - t0
-
-
 def measure_run(model, train_recs, held, tok, args) -> dict:
     """Per budget: the uniform rank's held-out loss and, per calibration size, the pattern's and its seconds."""
     from qdylora.adapters.attach import module_layers, qdylora_config_of
@@ -92,7 +79,8 @@ def measure_run(model, train_recs, held, tok, args) -> dict:
             calib = held if n == HELD else calibration_batches(train_recs[:n], tok, args.max_seq_len,
                                                                 args.eval_batch_size)
             reference = args.r_max if args.reference == "r_max" else R
-            patterns[n], seconds[n] = score_pattern(model, calib, R, R * total, reference, floor, args.score)
+            min_rank = floor if args.score == "taylor" else 0  # gradnorm switches whole modules
+            patterns[n], seconds[n] = bench.score_pattern(model, calib, R, R * total, reference, min_rank, args.score)
             tokens[n] = sum(b.tokens for b in calib)
         configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
         losses = bench.heldout_losses(model, held, configs)

@@ -63,7 +63,7 @@ def one_round(base, tok, dataset, calib, args) -> dict:
     total = sum(layer.in_features + layer.out_features for layer in module_layers(model).values())
     alloc = {}
     for R in args.budgets:
-        alloc[str(R)] = round(bench.taylor_pattern(model, calib, R, R * total)[1], 2)
+        alloc[str(R)] = round(bench.score_pattern(model, calib, R, R * total)[1], 2)
         print(f"  taylor R={R}: {alloc[str(R)]:.1f} s", flush=True)
     per_step = (runs[args.long] - runs[args.short]) / (args.long - args.short)
     train = runs[args.short] + (args.steps - args.short) * per_step
