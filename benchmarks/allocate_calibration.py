@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1", help="seeds of the main-rule runs (--main)")
     p.add_argument("--reference", default="R", choices=("R", "r_max"),
                    help="taylor's reference rank: the budget's R (qdylora allocate's) or r_max")
-    p.add_argument("--score", default="taylor", choices=("taylor", "gradnorm"), help="the score to allocate by")
+    p.add_argument("--score", default="taylor", choices=("taylor", "gradnorm", "fisher"), help="the score to allocate by")
     own, args = bench.parse_sub(p, argv)
     args.sizes = [n if n == HELD else int(n) for n in (x.strip() for x in own.sizes.split(",")) if n]
     args.seeds = bench.ints(own.seeds)
@@ -79,7 +79,7 @@ def measure_run(model, train_recs, held, tok, args) -> dict:
             calib = held if n == HELD else calibration_batches(train_recs[:n], tok, args.max_seq_len,
                                                                 args.eval_batch_size)
             reference = args.r_max if args.reference == "r_max" else R
-            min_rank = floor if args.score == "taylor" else 0  # gradnorm switches whole modules
+            min_rank = 0 if args.score == "gradnorm" else floor  # gradnorm switches whole modules
             patterns[n], seconds[n] = bench.score_pattern(model, calib, R, R * total, reference, min_rank, args.score)
             tokens[n] = sum(b.tokens for b in calib)
         configs = [[R] * len(names)] + [[patterns[n][m] for m in names] for n in args.sizes]
@@ -116,8 +116,8 @@ def markdown(res: dict) -> str:
     cfg = res["config"]
     score = cfg.get("score", "taylor")
     floor = "1 from R = 2 up (qdylora allocate's default)" if cfg.get("taylor_floor") == "default" else "0"
-    how = (f"taylor at reference rank {cfg.get('reference', 'R')}, greedy from rank {floor}" if score == "taylor"
-           else f"gradnorm at reference rank {cfg.get('reference', 'R')} (each module off or on at twice it)")
+    how = (f"gradnorm at reference rank {cfg.get('reference', 'R')} (each module off or on at twice it)"
+           if score == "gradnorm" else f"{score} at reference rank {cfg.get('reference', 'R')}, greedy from rank {floor}")
     cut = ", svd-sorted adapters" if cfg.get("truncation") == "svd" else ""
     rule = "default-rule" if cfg.get("main", "example") == "example" else f"--rank-per {cfg['main']}"
     lines = [f"# {score} allocation against calibration size ({res['machine']})", "",

@@ -158,3 +158,34 @@ def mean_response_loss(model, batches):
         nll = nll + F.cross_entropy(logits[keep], target[keep], reduction="sum")
         n += int(keep.sum())
     return nll / n
+
+
+def allocation_model(r_max: int = 8, alpha: float = 16.0, update: str = "nested", r_min: int = 1, seed: int = 0):
+    """A tiny NF4 llama with QDyLoRA adapters of seeded random values (every component matters), in eval mode."""
+    from qdylora.adapters.attach import attach_adapters, dylora_layers
+    from qdylora.adapters.config import QDyLoRAConfig
+
+    model = attach_adapters(tiny_nf4(seed), QDyLoRAConfig(r_min=r_min, r_max=r_max, alpha=alpha, update=update))
+    g = torch.Generator().manual_seed(5)
+    for layer in dylora_layers(model):
+        for p in (layer.lora_dyA["default"], layer.lora_dyB["default"]):
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def calibration_batches(n: int = 4, length: int = 10, seed: int = 3):
+    """Calibration batches over the tiny vocabulary: the second half of each row is the response, one row padded."""
+    from qdylora.allocate.calib import CalibBatch
+    from qdylora.data.examples import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for size in (n // 2, n - n // 2):
+        ids = torch.randint(1, 256, (size, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        labels = ids.clone()
+        labels[:, : length // 2] = IGNORE_INDEX
+        labels[mask == 0] = IGNORE_INDEX
+        out.append(CalibBatch(ids, mask, labels))
+    return out

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from helpers import mean_response_loss, tiny_nf4
-from qdylora.adapters.attach import attach_adapters, dylora_layers, module_layers, set_rank
+from helpers import allocation_model, calibration_batches, mean_response_loss
+from qdylora.adapters.attach import dylora_layers, module_layers, set_rank
 from qdylora.adapters.config import QDyLoRAConfig
 from qdylora.allocate.calib import CalibBatch, config_losses
 from qdylora.allocate.greedy import (ScoreTable, budget_params, default_allowed, default_min_rank, greedy_allocate,
@@ -26,28 +26,7 @@ IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 Q0, V1, D1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"
 
 
-def _model(r_max=8, alpha=16.0, update="nested", r_min=1, seed=0):
-    model = attach_adapters(tiny_nf4(seed), QDyLoRAConfig(r_min=r_min, r_max=r_max, alpha=alpha, update=update))
-    g = torch.Generator().manual_seed(5)
-    for layer in dylora_layers(model):
-        for p in (layer.lora_dyA["default"], layer.lora_dyB["default"]):
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
-def _batches(n=4, length=10, seed=3):
-    """Calibration batches over the tiny vocabulary: the second half of each row is the response."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for size in (n // 2, n - n // 2):
-        ids = torch.randint(1, 256, (size, length), generator=g)
-        mask = torch.ones_like(ids)
-        mask[0, -2:] = 0  # one padded row
-        labels = ids.clone()
-        labels[:, : length // 2] = IGNORE_INDEX
-        labels[mask == 0] = IGNORE_INDEX
-        out.append(CalibBatch(ids, mask, labels))
-    return out
+_model, _batches = allocation_model, calibration_batches
 
 
 # set_rank with a dict -------------------------------------------------------------------------------

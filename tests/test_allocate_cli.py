@@ -27,7 +27,7 @@ def run(tiny_model_dir, tmp_path_factory):
     return out, data
 
 
-@pytest.mark.parametrize("score", ["taylor", "norm", "gradnorm", "loss"])
+@pytest.mark.parametrize("score", ["taylor", "norm", "gradnorm", "loss", "fisher"])
 def test_allocate_writes_a_pattern_within_budget(run, tmp_path, capsys, score):
     out, data = run
     pattern = tmp_path / "p.json"

@@ -16,6 +16,13 @@ reference (for components >= R: the gradient they would get if switched on at sc
 - norm:     g[m, k] = ||B[:, k]|| ||A[k]|| / ||B A||_F (the component's share of the update; data-free).
 - gradnorm: G_m = sqrt(||gA[:n]||^2 + ||gB[:, :n]||^2) with n = min(r_max, 2R) (HeteroLoRA's GRAD-NORM): a
             module is off or on at rank n as a whole, g[m, k] = G_m / n for k < n.
+- fisher:   a second-order model of L_m(b), module m at rank b and the others at R, in the component scales c (module
+            m adds sum_k c_k B[:, k] A[k] x; rank b is c_k = s_b for k < b, else 0, with s_b = alpha / b):
+            L_m(b) - L = h . d + d^T F d / 2 with d = c(b) - c(R), h_k = dL/dc_k = sum_t u_tk v_tk (u_t = dy_t B,
+            v_t = A x_t over the calibration positions t) and F = T sum_t w_t w_t^T, w_t = u_t * v_t, the empirical
+            Fisher of the T response tokens' losses with position t's share of the gradient standing for token t's;
+            g[m, k] = L_m(k) - L_m(k + 1). Unlike taylor it models the scale change alpha / R -> alpha / b of the kept
+            components and how components interact; it needs more calibration data (it fits 8 examples' loss).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from ..eval.loss import response_sums
 from .calib import CalibBatch, PrefixCache, batch_losses, configs_per_pass
 from .greedy import ScoreTable, default_allowed
 
-SCORES = ("loss", "taylor", "norm", "gradnorm")
+SCORES = ("loss", "taylor", "norm", "gradnorm", "fisher")
 
 
 def loss_grid(r_min: int, r_max: int, reference: int) -> list[int]:
@@ -96,12 +103,16 @@ class ReferencePass:
 
     grads: dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (gA [r_max, in], gB [out, r_max])}
     loss: float
+    # with curvature: {module: (h [r_max], sum_t w_t w_t^T [r_max, r_max])} in the component scales (fisher's h, F / T)
+    scale_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    tokens: int = 0
 
 
 def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], reference: int,
-                        bar=None) -> ReferencePass:
+                        bar=None, curvature: bool = False) -> ReferencePass:
     """The mean calibration loss at rank `reference` everywhere and its gradients for all r_max components (those
-    >= reference as if switched on at scale alpha / reference), from one forward and backward pass per batch."""
+    >= reference as if switched on at scale alpha / reference), from one forward and backward pass per batch; with
+    `curvature`, also fisher's per-position statistics in the component scales."""
     layers = module_layers(model)
     cfg = qdylora_config_of(model)
     scale = cfg.scale(reference, _sorted(layers))
@@ -111,6 +122,8 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         A, B = _factors(layer)
         factors[name] = (A, B)
         grads[name] = (torch.zeros_like(A), torch.zeros_like(B))
+    stats = {name: (torch.zeros(cfg.r_max, dtype=torch.float64), torch.zeros(cfg.r_max, cfg.r_max, dtype=torch.float64))
+             for name in layers} if curvature else None
 
     # the current batch's positions (flat) and its real ones: padded positions get no gradient, so their rows are
     # skipped (inputs not laid out as [rows, positions, features] are taken whole)
@@ -127,9 +140,14 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
             def on_grad(dy):
                 A, B = factors[name]
                 x2, dy2 = rows(x), rows(dy)
+                u, v = dy2 @ B, x2 @ A.t()  # [tokens, r_max]
+                if stats is not None:
+                    w = u * v  # each position's share of dL/dc
+                    stats[name][0].add_(w.sum(0).double())
+                    stats[name][1].add_((w.t() @ w).double())
                 # the scale goes on the [tokens, r_max] products, the smallest tensors on the way
-                grads[name][0].addmm_((dy2 @ B).mul_(scale).t(), x2)
-                grads[name][1].addmm_(dy2.t(), (x2 @ A.t()).mul_(scale))
+                grads[name][0].addmm_(u.mul_(scale).t(), x2)
+                grads[name][1].addmm_(dy2.t(), v.mul_(scale))
             output.register_hook(on_grad)
         return hook
 
@@ -151,7 +169,7 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
         finally:
             for h in handles:
                 h.remove()
-    return ReferencePass(grads, mean_loss)
+    return ReferencePass(grads, mean_loss, stats, total)
 
 
 def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
@@ -173,6 +191,37 @@ def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: in
         rows.append(((A * gA).abs().sum(1) + (B * gB).abs().sum(0)) * rescale)
     return ScoreTable(list(layers), torch.stack(rows).double(), _costs(list(layers.values())),
                       [default_allowed(cfg)] * len(layers), "taylor",
+                      {"reference": reference, "reference_loss": ref.loss})
+
+
+def fisher_curves(model: nn.Module, ref: ReferencePass, reference: int) -> torch.Tensor:
+    """[modules, r_max + 1]: fisher's modelled L_m(b) - L at every rank b = 0..r_max (module doc), from `ref`
+    (reference_gradients with curvature at `reference`)."""
+    layers = module_layers(model)
+    cfg = qdylora_config_of(model)
+    sorted_ = _sorted(layers)
+    k = torch.arange(cfg.r_max)
+    c = torch.stack([torch.zeros(cfg.r_max, dtype=torch.float64)]
+                    + [(k < b).double() * cfg.scale(b, sorted_) for b in range(1, cfg.r_max + 1)])
+    d = c - c[reference]  # [r_max + 1, r_max]
+    curves = []
+    for name in layers:
+        h, ww = ref.scale_stats[name]
+        curves.append(d @ h + 0.5 * ref.tokens * ((d @ ww) * d).sum(1))
+    return torch.stack(curves)
+
+
+def fisher_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
+                  ref: ReferencePass | None = None) -> ScoreTable:
+    """g[m, k] = L_m(k) - L_m(k + 1) of fisher's second-order model at the reference (`ref`: reference_gradients
+    already computed there with curvature)."""
+    layers = module_layers(model)
+    cfg = qdylora_config_of(model)
+    if ref is None or ref.scale_stats is None:
+        ref = reference_gradients(model, batches, reference, bar, curvature=True)
+    curves = fisher_curves(model, ref, reference)
+    return ScoreTable(list(layers), curves[:, :-1] - curves[:, 1:], _costs(list(layers.values())),
+                      [default_allowed(cfg)] * len(layers), "fisher",
                       {"reference": reference, "reference_loss": ref.loss})
 
 
@@ -276,6 +325,8 @@ def compute_scores(score: str, model: nn.Module, batches: Sequence[CalibBatch], 
             table = taylor_scores(model, batches, reference, bar)
         elif score == "gradnorm":
             table = gradnorm_scores(model, batches, reference, bar)
+        elif score == "fisher":
+            table = fisher_scores(model, batches, reference, bar)
         else:
             table = loss_scores(model, batches, reference, grid, bar)
     finally:

@@ -27,7 +27,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--score", default="taylor", choices=SCORES,
                    help="loss: measured loss of every truncation (exact, costly); taylor: |p * dL/dp| from one "
                         "backward pass; norm: each component's share of B A (data-free); gradnorm: gradient norm "
-                        "per module, modules on or off (default %(default)s)")
+                        "per module, modules on or off; fisher: a second-order model of each module's loss per "
+                        "rank from the same pass (wants --limit 64 or more) (default %(default)s)")
     p.add_argument("--min-rank", type=int, default=None,
                    help="every module keeps at least this many components (0: the allocation may switch modules "
                         "off; default: 1 when that takes at most half the budget, e.g. from --avg-rank 2 up, else 0)")
