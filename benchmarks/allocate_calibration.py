@@ -5,7 +5,8 @@ held-out examples), the score's pattern (`taylor` by default) at each budget of 
 first N training examples for every N in --sizes and compared on held-out loss with the uniform rank R of the
 same run. Each allocation (gradient pass, scores, greedy) is timed: its cost grows with N, against the run's training time.
 `--reference r_max` scores at the full rank instead of R (what gradients collected while training would give);
-`--score gradnorm` measures HeteroLoRA's per-module on/off score instead; `--main module` the `--rank-per module` runs.
+`--score gradnorm` measures HeteroLoRA's per-module on/off score instead, `--score fisher` the second-order one;
+`--main module` the `--rank-per module` runs.
 The size `held` chooses the pattern on the held-out examples themselves: an in-sample ceiling (the evaluation data
 picks the pattern), bounding what any calibration set could get from that score's allocation on that run.
 
@@ -13,6 +14,9 @@ Writes benchmarks/results/allocate_calibration.{json,md,png} (--stem: other name
 allocate_calibration_400_module_{taylor,gradnorm}.*: the two 400-step `--rank-per module` runs of allocate_400_module,
 `--steps 400 --adapters DIR --adapters-only --main module --budgets 1,2,4,8 --taylor-floor default --truncation prefix
 --sizes 8,held --score S --stem ...` (both scores side by side).
+allocate_calibration_160_module_{fisher,taylor}.*: two fresh 160-step `--rank-per module` runs, seeds 2 and 3 on seed
+2's split (trained here with --keep-runs, then taken again with --adapters), `--steps 160 --main module --seed 2 --seeds 2,3
+--budgets 1,2,4,8 --taylor-floor default --truncation prefix --score fisher --sizes 8,32,64` (taylor: `--sizes 8,64`).
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
     python benchmarks/allocate_calibration.py --adapters DIR         # runs kept by allocate.py --keep-runs
@@ -49,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1", help="seeds of the main-rule runs (--main)")
     p.add_argument("--reference", default="R", choices=("R", "r_max"),
                    help="taylor's reference rank: the budget's R (qdylora allocate's) or r_max")
-    p.add_argument("--score", default="taylor", choices=("taylor", "gradnorm", "fisher"), help="the score to allocate by")
+    p.add_argument("--score", default="taylor", choices=("taylor", "gradnorm", "fisher"),
+                   help="the score to allocate by")
     own, args = bench.parse_sub(p, argv)
     args.sizes = [n if n == HELD else int(n) for n in (x.strip() for x in own.sizes.split(",")) if n]
     args.seeds = bench.ints(own.seeds)
@@ -117,7 +122,8 @@ def markdown(res: dict) -> str:
     score = cfg.get("score", "taylor")
     floor = "1 from R = 2 up (qdylora allocate's default)" if cfg.get("taylor_floor") == "default" else "0"
     how = (f"gradnorm at reference rank {cfg.get('reference', 'R')} (each module off or on at twice it)"
-           if score == "gradnorm" else f"{score} at reference rank {cfg.get('reference', 'R')}, greedy from rank {floor}")
+           if score == "gradnorm"
+           else f"{score} at reference rank {cfg.get('reference', 'R')}, greedy from rank {floor}")
     cut = ", svd-sorted adapters" if cfg.get("truncation") == "svd" else ""
     rule = "default-rule" if cfg.get("main", "example") == "example" else f"--rank-per {cfg['main']}"
     lines = [f"# {score} allocation against calibration size ({res['machine']})", "",
