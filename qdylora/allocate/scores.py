@@ -118,12 +118,14 @@ def reference_gradients(model: nn.Module, batches: Sequence[CalibBatch], referen
     scale = cfg.scale(reference, _sorted(layers))
     grads = {}
     factors = {}
+    stats = {} if curvature else None
     for name, layer in layers.items():
         A, B = _factors(layer)
         factors[name] = (A, B)
         grads[name] = (torch.zeros_like(A), torch.zeros_like(B))
-    stats = {name: (torch.zeros(cfg.r_max, dtype=torch.float64), torch.zeros(cfg.r_max, cfg.r_max, dtype=torch.float64))
-             for name in layers} if curvature else None
+        if curvature:
+            stats[name] = (A.new_zeros(cfg.r_max, dtype=torch.float64), A.new_zeros(cfg.r_max, cfg.r_max,
+                                                                                   dtype=torch.float64))
 
     # the current batch's positions (flat) and its real ones: padded positions get no gradient, so their rows are
     # skipped (inputs not laid out as [rows, positions, features] are taken whole)
@@ -206,7 +208,7 @@ def fisher_curves(model: nn.Module, ref: ReferencePass, reference: int) -> torch
     d = c - c[reference]  # [r_max + 1, r_max]
     curves = []
     for name in layers:
-        h, ww = ref.scale_stats[name]
+        h, ww = (t.cpu() for t in ref.scale_stats[name])  # small; the tables live on the CPU
         curves.append(d @ h + 0.5 * ref.tokens * ((d @ ww) * d).sum(1))
     return torch.stack(curves)
 
