@@ -26,13 +26,10 @@ IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 Q0, V1, D1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"
 
 
-_model, _batches = allocation_model, calibration_batches
-
-
 # set_rank with a dict -------------------------------------------------------------------------------
 
 def test_set_rank_dict_equals_modules_set_one_by_one():
-    a, b = _model(), _model()
+    a, b = allocation_model(), allocation_model()
     set_rank(a, 5)
     set_rank(a, {Q0: 3, V1: 0, D1: 8})
     for name, module in b.named_modules():  # by peft's own module names, one layer at a time
@@ -43,16 +40,16 @@ def test_set_rank_dict_equals_modules_set_one_by_one():
     with torch.no_grad():
         torch.testing.assert_close(a(IDS).logits, b(IDS).logits, rtol=0, atol=0)
         # rank 0 switches the adapter off: the same as a zero B in that module
-        c = _model()
+        c = allocation_model()
         set_rank(c, 5)
         set_rank(c, {Q0: 3, D1: 8})
         module_layers(c)[V1].lora_dyB["default"].zero_()
         torch.testing.assert_close(a(IDS).logits, c(IDS).logits, rtol=1e-6, atol=1e-6)
-        assert not torch.allclose(a(IDS).logits, _model()(IDS).logits, atol=1e-4)
+        assert not torch.allclose(a(IDS).logits, allocation_model()(IDS).logits, atol=1e-4)
 
 
 def test_set_rank_dict_refuses_unknown_modules_and_bad_ranks():
-    model = _model(r_min=2)
+    model = allocation_model(r_min=2)
     with pytest.raises(ConfigError, match=r"names 1 module\(s\) this adapter does not have \(e.g. "
                                           r"model.layers.9.q_proj\); use names as in the base model, e.g. "
                                           r"model.layers.0.self_attn.q_proj, .* \(14 adapted in all\)"):
@@ -151,7 +148,7 @@ def test_budgets_and_uniform_ranks():
 # scores ------------------------------------------------------------------------------------------------
 
 def test_norm_score_is_the_component_share():
-    model = _model()
+    model = allocation_model()
     table = norm_scores(model)
     A, B = module_layers(model)[V1].factors()
     full = torch.linalg.matrix_norm(B @ A)  # the explicit product
@@ -165,9 +162,9 @@ def test_norm_score_is_the_component_share():
 def test_reference_gradients_match_autograd(reference):
     """At reference R, components < R get the gradient plain autograd gives in nested mode (all of them at R = r_max),
     and the pass's loss is the mean loss at R."""
-    model, batches = _model(), _batches()
+    model, batches = allocation_model(), calibration_batches()
     ref = reference_gradients(model, batches, reference)
-    check = _model()
+    check = allocation_model()
     set_rank(check, reference)
     for p in check.parameters():
         p.grad = None
@@ -185,8 +182,8 @@ def test_reference_gradients_match_autograd(reference):
 
 
 def test_taylor_and_gradnorm_from_autograd():
-    model, batches = _model(), _batches()
-    check = _model()
+    model, batches = allocation_model(), calibration_batches()
+    check = allocation_model()
     set_rank(check, 8)
     mean_response_loss(check, batches).backward()
     taylor, gradnorm = taylor_scores(model, batches, 8), gradnorm_scores(model, batches, 4)
@@ -197,7 +194,7 @@ def test_taylor_and_gradnorm_from_autograd():
         torch.testing.assert_close(taylor.gains[i].float(), want.detach(), rtol=1e-4, atol=1e-8)
     # at reference 3, components < 3 use the true gradient there; component k >= 3 its gradient at alpha / (k + 1)
     low = taylor_scores(model, batches, 3)
-    check3 = _model()
+    check3 = allocation_model()
     set_rank(check3, 3)
     mean_response_loss(check3, batches).backward()
     for i, (name, layer) in enumerate(module_layers(check3).items()):
@@ -244,8 +241,8 @@ def test_taylor_gradients_do_not_depend_on_the_batch_cut():
         return CalibBatch(ids, mask, labels)
     cut = [batch(b) for b in length_batches(lengths, 4, pass_cost=3)]
     assert [c.ids.shape for c in cut] == [(2, 12), (2, 7)]  # the second batch pads the 5-token example
-    ref = reference_gradients(_model(), cut, 4)
-    check = _model()
+    ref = reference_gradients(allocation_model(), cut, 4)
+    check = allocation_model()
     set_rank(check, 4)
     mean_response_loss(check, [batch([0, 1, 2, 3])]).backward()
     for name, layer in module_layers(check).items():
@@ -261,12 +258,12 @@ def test_loss_score_equals_separate_evaluations():
     class Tok:
         pad_token_id, padding_side = 0, "right"
 
-    model, batches = _model(), _batches()
+    model, batches = allocation_model(), calibration_batches()
     examples = [{"input_ids": b.ids[i][b.mask[i].bool()].tolist(), "labels": b.labels[i][b.mask[i].bool()].tolist()}
                 for b in batches for i in range(b.ids.shape[0])]
     table = loss_scores(model, batches, reference=2, grid=[0, 1, 2, 4, 8])
     assert table.info["truncations"] == 14 * 4
-    check = _model()
+    check = allocation_model()
     for name in (Q0, V1, D1, "model.layers.1.self_attn.q_proj"):
         for g in (0, 1, 4, 8):
             set_rank(check, 2)
@@ -299,12 +296,12 @@ def test_allocation_reports_the_calibration_losses_of_pattern_and_uniform_rank(m
     cross-entropy on the model set to each, whether the pattern wins or loses there."""
     from qdylora.allocate import run as run_mod
 
-    model, batches = _model(), _batches()
+    model, batches = allocation_model(), calibration_batches()
     names = list(module_layers(model))
     budget = 2 * sum(_costs(model).values())
     # on this seeded model the second pattern beats the uniform rank 2 (found by a random search), the first does not
     patterns = [dict.fromkeys(names, 2) | {Q0: 0, V1: 4}, dict(zip(names, [2, 0, 3, 3, 4, 1, 0, 0, 4, 2, 2, 0, 0, 1]))]
-    check = _model()
+    check = allocation_model()
     set_rank(check, 2)
     with torch.no_grad():
         uniform_loss = float(mean_response_loss(check, batches))
@@ -330,7 +327,7 @@ def _costs(model):
 
 
 def test_pattern_file_round_trip_and_checks(tmp_path):
-    model = _model()
+    model = allocation_model()
     costs, cfg = _costs(model), QDyLoRAConfig(r_max=8)
     ranks = dict.fromkeys(costs, 2) | {Q0: 0, V1: 8}
     params = pattern_params(ranks, costs)
