@@ -160,12 +160,15 @@ def mean_response_loss(model, batches):
     return nll / n
 
 
-def allocation_model(r_max: int = 8, alpha: float = 16.0, update: str = "nested", r_min: int = 1, seed: int = 0):
-    """A tiny NF4 llama with QDyLoRA adapters of seeded random values (every component matters), in eval mode."""
+def allocation_model(r_max: int = 8, alpha: float = 16.0, update: str = "nested", r_min: int = 1, seed: int = 0,
+                     **config):
+    """A tiny NF4 llama with QDyLoRA adapters of seeded random values (every component matters), in eval mode;
+    `config` sets further QDyLoRAConfig fields."""
     from qdylora.adapters.attach import attach_adapters, dylora_layers
     from qdylora.adapters.config import QDyLoRAConfig
 
-    model = attach_adapters(tiny_nf4(seed), QDyLoRAConfig(r_min=r_min, r_max=r_max, alpha=alpha, update=update))
+    model = attach_adapters(tiny_nf4(seed), QDyLoRAConfig(r_min=r_min, r_max=r_max, alpha=alpha, update=update,
+                                                          **config))
     g = torch.Generator().manual_seed(5)
     for layer in dylora_layers(model):
         for p in (layer.lora_dyA["default"], layer.lora_dyB["default"]):

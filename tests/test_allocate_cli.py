@@ -97,6 +97,7 @@ BAD = [
     (["--avg-rank", "8", "--min-rank", "9"], "--min-rank 9 is above the adapter's r_max 8"),
     (["--avg-rank", "2", "--min-rank", "-1"], "--min-rank -1 must be an integer >= 0"),
     (["--avg-rank", "2", "--min-rank", "1", "--score", "gradnorm"], "--min-rank does not apply to --score gradnorm"),
+    (["--avg-rank", "2", "--score", "fisher-train"], "has no training statistics for --score fisher-train"),
 ]
 
 
@@ -118,7 +119,9 @@ def test_allocate_refuses_bad_outputs_and_data(run, tmp_path, capsys):
              (["--data", str(data), "--output", str(tmp_path)], "is a folder; give a file path"),
              (["--data", str(data), "--output", str(out / "adapter" / "p.json")], "lies inside the adapter folder"),
              (["--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "p.json")], "does not exist"),
-             (["--output", str(tmp_path / "p.json")], "the following arguments are required: --data")]
+             (["--output", str(tmp_path / "p.json")], "allocate needs --data: calibration records"),
+             (["--output", str(tmp_path / "p.json"), "--score", "fisher-train"],
+              "has no training statistics for --score fisher-train; train with --fisher-steps N")]
     for args, message in cases:
         assert main(base + args) == 2
         assert message in error_line(capsys.readouterr().err)
@@ -134,3 +137,41 @@ def test_sweep_refuses_a_bad_pattern_before_loading(run, tmp_path, capsys):
                  "--rank-pattern", str(p), "--output", str(tmp_path / "sw")]) == 2
     assert "does not have (e.g. lm_head)" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "sw").exists()
+
+
+def test_fisher_train_allocates_from_the_runs_statistics_without_data(tiny_model_dir, run, tmp_path, capsys):
+    """A run trained with --fisher-steps: allocate --score fisher-train needs no --data (no model loads) and gives
+    the same pattern with it, then also the calibration losses."""
+    from qdylora.train.fisher_stats import STATS_NAME
+
+    _, data = run
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps",
+                 "3", "--r-max", "8", "--batch-size", "2", "--optim", "adamw_torch", "--rank-per", "module",
+                 "--lr", "1e-2", "--sweep-ranks", "", "--fisher-steps", "2"]) == 0
+    assert (out / "adapter" / STATS_NAME).is_file()
+    capsys.readouterr()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["allocate", str(out), "--avg-rank", "2", "--score", "fisher-train", "--output", str(a)]) == 0
+    text = capsys.readouterr().out
+    assert "from training steps 2-3" in text and "calibration loss: not measured" in text, text
+    p = json.loads(a.read_text())
+    assert p["score"] == "fisher-train" and p["params"] <= 2 * COST and p["source"]["stats_steps"] == [2, 3]
+    assert p["source"]["calibration_loss"] == {"pattern": None, "uniform": None}
+    assert main(["allocate", str(out), "--avg-rank", "2", "--score", "fisher-train", "--output", str(b), "--data",
+                 str(data), "--limit", "2"]) == 0
+    assert "calibration loss: pattern" in capsys.readouterr().out
+    assert json.loads(b.read_text())["ranks"] == p["ranks"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fisher-steps", "-1"], "--fisher-steps"),
+    (["--fisher-steps", "2", "--truncation", "svd"], "--fisher-steps does not apply to --truncation svd"),
+])
+def test_bad_fisher_steps_are_one_line(tiny_model_dir, run, tmp_path, capsys, args, message):
+    _, data = run
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps",
+                 "2", "--sweep-ranks", ""] + args) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not out.exists()

@@ -23,8 +23,10 @@ pytestmark = needs_torchrun
 
 def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file, tmp_path):
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
-    run(one, settings(tiny_model_dir, data_file, batch=4, rank_sampler="list", rank_list=[2, 5]), procs=1)
-    run(two, settings(tiny_model_dir, data_file, batch=2, rank_sampler="list", rank_list=[2, 5]), procs=2)
+    for out, batch, procs in ((one, 4, 1), (two, 2, 2)):
+        s = settings(tiny_model_dir, data_file, batch=batch, rank_sampler="list", rank_list=[2, 5])
+        s["train"]["fisher_steps"] = 3  # allocate's statistics: summed over the processes
+        run(out, s, procs=procs)
     for a, b in zip(log(one), log(two), strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     w1, w2 = (load_file(str(d / "adapter" / "qdylora_adapter.safetensors")) for d in (one, two))
@@ -40,6 +42,11 @@ def test_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, data_file,
     check_frozen_untouched(tiny_model_dir, w2)
     check_one_writer(two)
     assert [r["step"] for r in log(two)] == [1, 2, 3, 4]
+    f1, f2 = (load_file(str(d / "adapter" / "fisher_stats.safetensors")) for d in (one, two))
+    assert f2["steps"].tolist() == f1["steps"].tolist() == [1, 2, 3] and float(f2["tokens"][0]) == float(f1["tokens"][0])
+    for key in ("grad", "outer", "at_config"):
+        scale = float(f1[key].abs().max())
+        torch.testing.assert_close(f2[key], f1[key], rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_step_ranks_are_the_same_in_every_process(tiny_model_dir, data_file, tmp_path):

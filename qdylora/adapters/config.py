@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError, check_float, check_int
 
 # Every linear of attention and MLP in the common decoder families (Llama, Mistral, Qwen,
@@ -135,6 +137,13 @@ class QDyLoRAConfig:
         """The scale of the first b components: DyLoRA's alpha / b, or alpha / r_max for components sorted by svd_sort
         (each keeps its share of the full update, so rank b is its best rank-b approximation)."""
         return self.alpha / (self.r_max if svd_sorted else rank)
+
+    def component_scales(self, svd_sorted: bool = False) -> torch.Tensor:
+        """[r_max + 1, r_max] float64: row b holds the scale of each component at rank b (scale(b) for k < b, else 0;
+        row 0, the adapter off, zeros)."""
+        k = torch.arange(self.r_max)
+        return torch.stack([torch.zeros(self.r_max, dtype=torch.float64)]
+                           + [(k < b).double() * self.scale(b, svd_sorted) for b in range(1, self.r_max + 1)])
 
     @property
     def targets(self) -> list[str]:

@@ -32,10 +32,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None,
-                 params: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+                 params: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write every DyLoRA layer's A [r_max, in] and B [out, r_max] + config, atomically.
 
-    `params`: the adapter_parameters(model) gathered beforehand (under FSDP every process gathers, one writes).
+    `params`: the adapter_parameters(model) gathered beforehand (under FSDP every process gathers, one writes);
+    `files`: more safetensors files written into the same folder ({file name: tensors}).
     """
     params = adapter_parameters(model) if params is None else params
     if not params:
@@ -54,14 +56,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
         "base_model": base_fingerprint(_unwrap(model)), SORTED_KEY: dylora_layers(model)[0].svd_sorted,
         **(extra or {}),
     }
-    return write_adapter(directory, meta, tensors)
+    return write_adapter(directory, meta, tensors, files)
 
 
-def write_adapter(directory: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write an adapter folder (weights + config) from its metadata and tensors, atomically."""
+def write_adapter(directory: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor],
+                  files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write an adapter folder (weights + config, and `files`: {file name: tensors}) from its metadata and tensors,
+    atomically."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, more in (files or {}).items():
+            save_file(more, str(tmp / name))
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 

@@ -23,6 +23,10 @@ reference (for components >= R: the gradient they would get if switched on at sc
             Fisher of the T response tokens' losses with position t's share of the gradient standing for token t's;
             g[m, k] = L_m(k) - L_m(k + 1). Unlike taylor it models the scale change alpha / R -> alpha / b of the kept
             components and how components interact; it needs more calibration data (it fits 8 examples' loss).
+- fisher-train: fisher's curves from statistics gathered in the last training steps (train.fisher_stats): each
+            position's gradient g_t in the scales at the configuration c_t it trained at, its second-order model
+            around c_t averaged over positions, so h = (sum g_t + sum g_t g_t^T c_R - sum g_t (g_t . c_t)) / T and
+            F = sum g_t g_t^T / T. No calibration pass: the training run computed every dy and x it needs.
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.attach import module_layers, qdylora_config_of
+from ..errors import ConfigError
 from ..eval.common import ranks_restored
 from ..eval.loss import response_sums
 from .calib import CalibBatch, PrefixCache, batch_losses, configs_per_pass
 from .greedy import ScoreTable, default_allowed
 
-SCORES = ("loss", "taylor", "norm", "gradnorm", "fisher")
+SCORES = ("loss", "taylor", "norm", "gradnorm", "fisher", "fisher-train")
+# scores computed from what the run saved, with no calibration pass
+DATA_FREE = ("norm", "fisher-train")
 
 
 def loss_grid(r_min: int, r_max: int, reference: int) -> list[int]:
@@ -196,21 +203,22 @@ def taylor_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: in
                       {"reference": reference, "reference_loss": ref.loss})
 
 
-def fisher_curves(model: nn.Module, ref: ReferencePass, reference: int) -> torch.Tensor:
-    """[modules, r_max + 1]: fisher's modelled L_m(b) - L at every rank b = 0..r_max (module doc), from `ref`
-    (reference_gradients with curvature at `reference`)."""
-    layers = module_layers(model)
-    cfg = qdylora_config_of(model)
-    sorted_ = _sorted(layers)
-    k = torch.arange(cfg.r_max)
-    c = torch.stack([torch.zeros(cfg.r_max, dtype=torch.float64)]
-                    + [(k < b).double() * cfg.scale(b, sorted_) for b in range(1, cfg.r_max + 1)])
-    d = c - c[reference]  # [r_max + 1, r_max]
+def fisher_curves(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor,
+                  reference: int) -> torch.Tensor:
+    """[modules, r_max + 1]: fisher's modelled L_m(b) - L at every rank b = 0..r_max (module doc) from each module's
+    (h, F) at `reference`; `table`: the component scales of every rank (QDyLoRAConfig.component_scales)."""
+    d = table.double().cpu() - table[reference].double().cpu()  # [r_max + 1, r_max]
     curves = []
-    for name in layers:
-        h, ww = (t.cpu() for t in ref.scale_stats[name])  # small; the tables live on the CPU
-        curves.append(d @ h + 0.5 * ref.tokens * ((d @ ww) * d).sum(1))
+    for h, F in stats.values():
+        h, F = h.double().cpu(), F.double().cpu()  # small; the tables live on the CPU
+        curves.append(d @ h + 0.5 * ((d @ F) * d).sum(1))
     return torch.stack(curves)
+
+
+def curve_table(names: list[str], curves: torch.Tensor, costs: list[int], cfg, score: str,
+                info: dict) -> ScoreTable:
+    """The ScoreTable of modelled loss curves: g[m, k] = L_m(k) - L_m(k + 1)."""
+    return ScoreTable(names, curves[:, :-1] - curves[:, 1:], costs, [default_allowed(cfg)] * len(names), score, info)
 
 
 def fisher_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: int, bar=None,
@@ -221,10 +229,23 @@ def fisher_scores(model: nn.Module, batches: Sequence[CalibBatch], reference: in
     cfg = qdylora_config_of(model)
     if ref is None or ref.scale_stats is None:
         ref = reference_gradients(model, batches, reference, bar, curvature=True)
-    curves = fisher_curves(model, ref, reference)
-    return ScoreTable(list(layers), curves[:, :-1] - curves[:, 1:], _costs(list(layers.values())),
-                      [default_allowed(cfg)] * len(layers), "fisher",
-                      {"reference": reference, "reference_loss": ref.loss})
+    stats = {n: (h, ref.tokens * ww) for n, (h, ww) in ref.scale_stats.items()}
+    curves = fisher_curves(stats, cfg.component_scales(_sorted(layers)), reference)
+    return curve_table(list(layers), curves, _costs(list(layers.values())), cfg, "fisher",
+                       {"reference": reference, "reference_loss": ref.loss})
+
+
+def fisher_train_scores(stats: dict[str, torch.Tensor], costs: dict[str, int], cfg, reference: int) -> ScoreTable:
+    """fisher's g[m, k] from the statistics `qdylora train --fisher-steps` saved beside the adapter (no data)."""
+    from ..train.fisher_stats import at_reference, stats_info
+
+    at = at_reference(stats, cfg.component_scales(), reference)
+    if set(at) != set(costs):
+        raise ConfigError(f"the training statistics describe other modules than the adapter ({len(at)} vs "
+                          f"{len(costs)}); train again with --fisher-steps, or use --score fisher --data CALIB")
+    curves = fisher_curves({n: at[n] for n in costs}, cfg.component_scales(), reference)
+    return curve_table(list(costs), curves, list(costs.values()), cfg, "fisher-train",
+                       {"reference": reference, **stats_info(stats)})
 
 
 def gradnorm_on_rank(r_max: int, reference: int) -> int:
@@ -313,8 +334,9 @@ def score_work(score: str, batches: Sequence[CalibBatch], n_modules: int, grid_s
 def compute_scores(score: str, model: nn.Module, batches: Sequence[CalibBatch], reference: int,
                    grid: Sequence[int] | None = None, progress: bool = True) -> ScoreTable:
     """The ScoreTable of `score` (one of SCORES) at the reference rank, timed, with a progress bar."""
-    if score not in SCORES:
-        raise ValueError(f"score {score!r}; use one of {', '.join(SCORES)}")
+    if score not in SCORES or score == "fisher-train":
+        raise ValueError(f"score {score!r}; use one of {', '.join(s for s in SCORES if s != 'fisher-train')} "
+                         "(fisher-train: fisher_train_scores on the run's statistics)")
     cfg = qdylora_config_of(model)
     size = len(sorted(set(grid or loss_grid(cfg.r_min, cfg.r_max, reference)) | {reference}))
     work = score_work(score, batches, len(module_layers(model)), size)

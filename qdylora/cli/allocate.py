@@ -21,14 +21,16 @@ def register(sub) -> argparse.ArgumentParser:
     budget.add_argument("--avg-rank", type=float, default=None,
                         help="budget: the parameters of rank R on every module (may be fractional)")
     budget.add_argument("--params", type=int, default=None, help="budget: at most N adapter values")
-    p.add_argument("--data", required=True, help="calibration records (.json/.jsonl: alpaca, text or chat), "
-                   "e.g. part of the training data")
+    p.add_argument("--data", default=None, help="calibration records (.json/.jsonl: alpaca, text or chat), "
+                   "e.g. part of the training data (optional with --score fisher-train: then no calibration loss)")
     p.add_argument("--output", required=True, help="the rank-pattern JSON file to write")
     p.add_argument("--score", default="taylor", choices=SCORES,
                    help="loss: measured loss of every truncation (exact, costly); taylor: |p * dL/dp| from one "
                         "backward pass; norm: each component's share of B A (data-free); gradnorm: gradient norm "
                         "per module, modules on or off; fisher: a second-order model of each module's loss per "
-                        "rank from the same pass (wants --limit 64 or more) (default %(default)s)")
+                        "rank from the same pass (wants --limit 64 or more); fisher-train: the same model from "
+                        "statistics `qdylora train --fisher-steps N` gathered, no calibration pass "
+                        "(default %(default)s)")
     p.add_argument("--min-rank", type=int, default=None,
                    help="every module keeps at least this many components (0: the allocation may switch modules "
                         "off; default: 1 when that takes at most half the budget, e.g. from --avg-rank 2 up, else 0)")

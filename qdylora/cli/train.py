@@ -54,6 +54,9 @@ SETTINGS = [
     ("--save-steps", "train", "save_steps", int, "write a checkpoint every N steps"),
     ("--save-total-limit", "train", "save_total_limit", int,
      "checkpoints to keep (the newest; the one a resume needs is never deleted)"),
+    ("--fisher-steps", "train", "fisher_steps", int,
+     "the last N steps also gather the statistics `qdylora allocate --score fisher-train` chooses per-module ranks "
+     "from, with no calibration data or pass (0: none)"),
 ]
 # matryoshka stays a Python option (benchmarks/rank_sampling.py): it lost at every rank there
 CHOICES = {"update": tuple(m for m in UPDATE_MODES if m != "matryoshka"), "rank_sampler": SAMPLERS,

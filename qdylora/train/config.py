@@ -15,7 +15,7 @@ FLAGS = {"max_steps": "--max-steps", "learning_rate": "--lr", "batch_size": "--b
          "grad_accum": "--grad-accum", "max_seq_len": "--max-seq-len", "warmup_steps": "--warmup-steps",
          "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "optim": "--optim",
          "save_steps": "--save-steps", "save_total_limit": "--save-total-limit", "logging_steps": "--logging-steps",
-         "seed": "--seed"}
+         "seed": "--seed", "fisher_steps": "--fisher-steps"}
 
 
 @dataclass
@@ -45,6 +45,8 @@ class TrainConfig:
     scale_lr: bool = False
     fsdp: bool = False  # shard with FSDP2 over the launcher's processes (train.sharding); else DDP
     quant_storage: str = "auto"  # the packed NF4 bytes' dtype; auto: uint8, the compute dtype with fsdp
+    # the last N steps gather fisher statistics for `qdylora allocate --score fisher-train` (0: none)
+    fisher_steps: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +60,7 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1, FLAGS[name])
         check_int("warmup_steps", self.warmup_steps, 0, FLAGS["warmup_steps"])
         check_int("seed", self.seed, 0, FLAGS["seed"])
+        check_int("fisher_steps", self.fisher_steps, 0, FLAGS["fisher_steps"])
         check_float("learning_rate", self.learning_rate, 0.0, strict=True, flag=FLAGS["learning_rate"])
         check_float("weight_decay", self.weight_decay, 0.0, flag=FLAGS["weight_decay"])
         check_float("max_grad_norm", self.max_grad_norm, 0.0, flag=FLAGS["max_grad_norm"])

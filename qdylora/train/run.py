@@ -20,12 +20,13 @@ from ..adapters.config import QDyLoRAConfig
 from ..atomic import remove_stale
 from ..errors import TrainingError
 from .config import TrainConfig
+from .fisher_stats import check_collectable
 from .processes import barrier, check_same_settings, is_main, training_device
 from .run_folder import (ADAPTER_SUBDIR, check_writable, checkpoints, holds_run, latest_checkpoint, read_log,
                          read_run_config, remove_run, truncate_log, write_run_config)
 
 # settings a resume may change: they do not change what is trained
-FREE_ON_RESUME = {"save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing"}
+FREE_ON_RESUME = {"save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing", "fisher_steps"}
 # chosen by each launch, like the number of processes: checkpoints hold whole tensors, so a run started with
 # FSDP resumes with or without it
 PER_LAUNCH = {"fsdp": False, "quant_storage": "auto"}
@@ -119,11 +120,14 @@ def finish_from_checkpoint(out: Path, ckpt: Path, step: int) -> None:
     train_model sorts it when the run's truncation is 'svd'."""
     from ..adapters.files import SORTED_KEY, adapter_config, read_adapter, svd_sorted_meta, write_adapter
     from ..adapters.svd_sort import sorted_tensors
+    from .fisher_stats import STATS_NAME, read_stats
 
     meta, tensors = read_adapter(ckpt / ADAPTER_SUBDIR)
     if adapter_config(meta).truncation == "svd" and not svd_sorted_meta(meta):
         tensors, meta = sorted_tensors(tensors, meta["targets"]), {**meta, SORTED_KEY: True}
-    write_adapter(out / ADAPTER_SUBDIR, {**meta, "global_step": step}, tensors)
+    stats = read_stats(ckpt / ADAPTER_SUBDIR)
+    write_adapter(out / ADAPTER_SUBDIR, {**meta, "global_step": step}, tensors,
+                  {STATS_NAME: stats} if stats is not None else None)
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -164,6 +168,8 @@ def run_training(output_dir: str | Path, given: dict[str, Any], resume: bool = F
         settings, ckpt = given, None
     model_name, data = settings.get("model"), settings.get("data")
     qcfg, tcfg = _configs({"qdylora": settings.get("qdylora", {}), "train": settings.get("train", {})}, saved=resume)
+    if tcfg.fisher_steps:
+        check_collectable(qcfg, tcfg.fsdp)
     # every input is read and checked before anything in the folder changes
     storage = _quant_storage(tcfg, device)
     records = load_records(data) if data else default_splits()[0]

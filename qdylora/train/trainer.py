@@ -26,6 +26,7 @@ from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
 from ..errors import AdapterError, TrainingError
 from .callbacks import InterruptCallback, LogCallback, SyncCallback
 from .config import TrainConfig
+from .fisher_stats import STATS_NAME, FisherCollector, check_collectable, read_stats
 from .optimizer import ComponentAdamW, resolve_optim, state_settings
 from .rank_schedule import RankSchedule
 from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints
@@ -39,9 +40,12 @@ class NonFiniteLoss(TrainingError):
 class QDyLoRATrainer(Trainer):
     """Trainer that saves qdylora adapters, writes checkpoints atomically and stops on a non-finite loss."""
 
-    def __init__(self, *args, rank_schedule: RankSchedule | None = None, sharded: bool = False, **kwargs) -> None:
+    def __init__(self, *args, rank_schedule: RankSchedule | None = None, sharded: bool = False,
+                 fisher: FisherCollector | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rank_schedule = rank_schedule
+        self.fisher = fisher  # gathers allocate's fisher statistics in the last steps (train.fisher_stats)
+        self._fisher_state: dict | None = None
         self.sharded = sharded  # the model is sharded with FSDP2 (train.sharding); it reduces its own gradients
         self._gathered: dict | None = None
         self._staging: str | None = None
@@ -68,6 +72,8 @@ class QDyLoRATrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.rank_schedule is not None:
             self.rank_schedule.before_micro_step(self.state.global_step, int(inputs["input_ids"].shape[0]))
+        if self.fisher is not None:
+            self.fisher.begin_micro_step(self.state.global_step, inputs.get("labels"))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             kept = self.last_checkpoint or "none (no checkpoint was written yet)"
@@ -82,7 +88,8 @@ class QDyLoRATrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         if dylora_layers(self.model):
-            save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR, params=self._gathered)
+            files = {STATS_NAME: self._fisher_state} if self._fisher_state is not None else None
+            save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR, params=self._gathered, files=files)
         else:
             self.model.save_pretrained(output_dir, safe_serialization=True)
 
@@ -91,6 +98,9 @@ class QDyLoRATrainer(Trainer):
         if dylora_layers(self.model) and adapter.is_dir():
             _, tensors = read_adapter(adapter)
             load_adapter_weights(self.model, tensors)
+            stats = read_stats(adapter) if self.fisher is not None and self.is_world_process_zero() else None
+            if stats is not None:
+                self.fisher.load(stats)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -123,6 +133,7 @@ class QDyLoRATrainer(Trainer):
             self.accelerator.wait_for_everyone()
             # sharded adapters are gathered by every process here; the main one writes them in _save
             self._gathered = adapter_parameters(self.model) if self.sharded else None
+            self._fisher_state = self.fisher.state() if self.fisher is not None else None  # every process sums
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
             if main:
@@ -139,7 +150,7 @@ class QDyLoRATrainer(Trainer):
         finally:
             if main:
                 shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = self._gathered = None
+            self._staging = self._gathered = self._fisher_state = None
         self.last_checkpoint = str(dest)
         if main:
             rotate_checkpoints(root, self.args.save_total_limit, protect=dest)
@@ -189,6 +200,10 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     collator = (DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
                 if tokenizer is not None else default_data_collator)
     args = _training_args(cfg, output_dir)
+    fisher = None
+    if cfg.fisher_steps and qcfg is not None:
+        check_collectable(qcfg, sharded)
+        fisher = FisherCollector(model, max(0, cfg.max_steps - cfg.fisher_steps)).attach()
     optimizer = None
     if schedule is not None:
         lr_scale = component_lr_scales(schedule, cfg)
@@ -197,7 +212,8 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
                                           lr_scale=lr_scale, **state_settings(resolve_optim(cfg.optim))))
     trainer = QDyLoRATrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                              callbacks=[stop_cb] + ([SyncCallback(schedule)] if schedule else []),
-                             rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer, sharded=sharded)
+                             rank_schedule=schedule, optimizer_cls_and_kwargs=optimizer, sharded=sharded,
+                             fisher=fisher)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback(Path(output_dir) / LOG_NAME, trainer))
@@ -219,6 +235,8 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if fisher is not None:
+            fisher.detach()
     summary = {"global_step": trainer.state.global_step, "interrupted": stop_cb.requested,
                "train_seconds": round(time.perf_counter() - t0, 2), "tokens_seen": trainer.state.num_input_tokens_seen,
                "last_checkpoint": trainer.last_checkpoint}
@@ -227,12 +245,14 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
         if qcfg is not None and qcfg.truncation == "svd":
             sort_components(model)  # every process (under FSDP the sort gathers each layer's factors)
         params = adapter_parameters(model) if sharded and qcfg is not None else None  # every process gathers
+        stats = fisher.state() if fisher is not None else None  # every process sums
         try:
             if not trainer.is_world_process_zero():
                 pass
             elif qcfg is not None:
                 set_rank(model, qcfg.r_max)
-                save_adapter(model, adapter, extra={"global_step": trainer.state.global_step}, params=params)
+                save_adapter(model, adapter, extra={"global_step": trainer.state.global_step}, params=params,
+                             files={STATS_NAME: stats} if stats is not None else None)
             else:
                 model.save_pretrained(str(adapter))
         except (AdapterError, WriteError) as e:
