@@ -15,7 +15,7 @@ allocate_calibration_400_module_{taylor,gradnorm}.*: the two 400-step `--rank-pe
 `--steps 400 --adapters DIR --adapters-only --main module --budgets 1,2,4,8 --taylor-floor default --truncation prefix
 --sizes 8,held --score S --stem ...` (both scores side by side).
 allocate_calibration_160_module_{fisher,taylor}.*: two fresh 160-step `--rank-per module` runs, seeds 2 and 3 on seed
-2's split (trained here with --keep-runs, then taken again with --adapters), `--steps 160 --main module --seed 2 --seeds 2,3
+0's split (trained here with --keep-runs, then taken again with --adapters), `--steps 160 --main module --seed 0 --seeds 2,3
 --budgets 1,2,4,8 --taylor-floor default --truncation prefix --score fisher --sizes 8,32,64` (taylor: `--sizes 8,64`).
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)

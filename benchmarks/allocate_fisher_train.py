@@ -1,6 +1,6 @@
 """fisher-train: per-module ranks from statistics gathered while training, against the uniform rank of the same run.
 
-Trains `--rank-per module` runs with benchmarks/allocate.py's settings (seeds --seeds, on --seed's data split and
+Trains `--rank-per module` runs (--rank-per example: the default rule) with benchmarks/allocate.py's settings (seeds --seeds, on --seed's data split and
 held-out set) with `--fisher-steps` covering every step and a checkpoint every --window steps. The sums are additive,
 so the statistics of the last W steps are the final ones minus those of checkpoint-(steps - W). For every window W and
 budget R: held-out loss of the pattern `qdylora allocate --score fisher-train` chooses (its default --min-rank) minus
@@ -11,7 +11,7 @@ Beside it, when --compare holds allocate_calibration's results on the same runs:
     python benchmarks/allocate_fisher_train.py --seeds 2 --work-dir DIR --keep-runs --train-only   # one run per process
     python benchmarks/allocate_fisher_train.py --seeds 2,3 --work-dir DIR --adapters DIR           # the study
 
-Writes benchmarks/results/allocate_fisher_train_160_module.{json,md,png}.
+Writes benchmarks/results/allocate_fisher_train_{steps}_{rank-per}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -34,31 +34,34 @@ import allocate_study as study  # noqa: E402
 from allocate_runs import attach_qdylora  # noqa: E402
 from alpaca_arms import train_arm  # noqa: E402
 
-STEM = "allocate_fisher_train_160_module"
 COMPARE = bench.RESULTS / "allocate_calibration_160_module_fisher.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench.sub_parser(__doc__)
-    p.add_argument("--seeds", default="2,3", help="seeds of the --rank-per module runs")
+    p.add_argument("--seeds", default="2,3", help="seeds of the runs")
+    p.add_argument("--rank-per", default="module", choices=("module", "example"),
+                   help="the runs' rank rule (example: the CLI's default, every row at r_max)")
     p.add_argument("--window", type=int, default=40, help="a checkpoint every W steps: the windows W, 2W, ...")
     p.add_argument("--train-only", action="store_true", help="train (and keep) the runs, measure nothing")
     p.add_argument("--cost-steps", type=int, default=12, help="steps per timed arm of the cost measurement")
     p.add_argument("--cost-repeats", type=int, default=2, help="alternations of the timed arms (0: no timing)")
     p.add_argument("--compare", default=str(COMPARE), help="allocate_calibration results on the same runs")
+    p.add_argument("--cost-only", action="store_true",
+                   help="measure the collection cost again into the existing results file (the code changed)")
     own, args = bench.parse_sub(p, argv)
-    for k in ("window", "train_only", "cost_steps", "cost_repeats", "compare"):
+    for k in ("window", "train_only", "cost_steps", "cost_repeats", "compare", "cost_only"):
         setattr(args, k, getattr(own, k))
-    args.seeds, args.main = bench.ints(own.seeds), "module"
+    args.seeds, args.main = bench.ints(own.seeds), own.rank_per
     if args.stem == bench.STEM:
-        args.stem = STEM
+        args.stem = f"allocate_fisher_train_{args.steps}_{args.main}"
     if args.smoke:
         args.seeds, args.budgets, args.window, args.cost_steps, args.cost_repeats = [0], [1, 2], 2, 4, 1
     return args
 
 
 def run_name(args, seed: int) -> str:
-    return f"module-{args.update}_{args.steps}_{seed}"
+    return f"{args.main}-{args.update}_{args.steps}_{seed}"
 
 
 def trained_run(args, base, tok, dataset, seed: int) -> tuple[Path, dict]:
@@ -70,7 +73,7 @@ def trained_run(args, base, tok, dataset, seed: int) -> tuple[Path, dict]:
         if (run / "adapter" / "fisher_stats.safetensors").is_file() and run.with_name(name + ".json").is_file():
             return run, json.loads(run.with_name(name + ".json").read_text())
     run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-    model = attach_qdylora(copy.deepcopy(base), run_args, "module", seed)
+    model = attach_qdylora(copy.deepcopy(base), run_args, args.main, seed)
     arm = train_arm(name, model, tok, dataset, run_args, fisher_steps=args.steps, save_steps=args.window,
                     save_total_limit=args.steps // args.window + 1)
     arm.pop("ranks_sampled", None)
@@ -132,7 +135,7 @@ def collection_cost(args, base, tok, dataset) -> dict:
     for rep in range(args.cost_repeats):
         for arm, fisher in (("off", 0), ("on", args.cost_steps)):
             run_args = argparse.Namespace(**{**vars(args), "seed": 0})
-            model = attach_qdylora(copy.deepcopy(base), run_args, "module", 0)
+            model = attach_qdylora(copy.deepcopy(base), run_args, args.main, 0)
             name = f"cost_{arm}_{rep}"
             train_arm(name, model, tok, dataset, run_args, steps=args.cost_steps, fisher_steps=fisher)
             elapsed = [r["elapsed_s"] for r in read_log(Path(args.work_dir) / name)]
@@ -183,8 +186,9 @@ def markdown(res: dict) -> str:
     cfg = res["config"]
     summary = res["summary"]
     windows = list(next(iter(summary["per_budget"].values())))
+    rule = "`--rank-per module`" if cfg["main"] == "module" else "default-rule (every row at r_max)"
     lines = [f"# fisher-train: ranks from statistics gathered while training ({res['machine']})", "",
-             f"{cfg['model']}; `--rank-per module` runs, {cfg['steps']} steps x batch {cfg['batch_size']}, seeds "
+             f"{cfg['model']}; {rule} runs, {cfg['steps']} steps x batch {cfg['batch_size']}, seeds "
              + ", ".join(str(r["seed"]) for r in runs.values()) + f"; held-out: {cfg['n_heldout']} examples. Cells: "
              "held-out loss of the fisher-train pattern (statistics of the last W steps, `qdylora allocate`'s "
              "default --min-rank) minus the uniform rank R of the same run, per seed (negative: the pattern wins); "
@@ -215,7 +219,10 @@ def markdown(res: dict) -> str:
         lines += ["", f"Collection cost: {cost['step_seconds_on']:.3f} s per step with it against "
                       f"{cost['step_seconds_off']:.3f} s without (medians of {cost['steps_timed']['on']} and "
                       f"{cost['steps_timed']['off']} steps, arms alternated), {100 * cost['overhead']:+.2f}% per "
-                      "collected step; the collection share above is that times W / steps."]
+                      "collected step; the collection share above is that times W / steps."
+                      + (f" ({cost['note']}; earlier: " + ", ".join(f"{100 * c['overhead']:+.2f}%" for c in
+                                                                res.get("earlier_costs", [])) + ")"
+                         if cost.get("note") else "")]
     lines += ["", "Training seconds: " + ", ".join(f"seed {r['seed']} {r['train_seconds']:.0f} s" for r in runs.values())
               + "."]
     return "\n".join(lines) + "\n"
@@ -235,12 +242,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     _, held, base, tok, dataset, res = study.start(args)
+    if args.cost_only:
+        res = json.loads((study.out_dir(args) / f"{args.stem}.json").read_text())
+        if res.get("cost"):
+            res.setdefault("earlier_costs", []).append(res["cost"])
+        res["cost"] = {**collection_cost(args, base, tok, dataset),
+                       "note": "measured again after the runs above (the collection code changed since they ran)"}
+        study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
+        print(markdown(res))
+        return 0
     runs = {seed: trained_run(args, base, tok, dataset, seed) for seed in args.seeds}
     if args.train_only:
         return 0
     for seed, (run, arm) in runs.items():
-        print(f"== rank_per=module, seed {seed}", flush=True)
-        res["runs"][f"module_s{seed}"] = {"seed": seed, "train_seconds": arm["train_seconds"],
+        print(f"== rank_per={args.main}, seed {seed}", flush=True)
+        res["runs"][f"{args.main}_s{seed}"] = {"seed": seed, "train_seconds": arm["train_seconds"],
                                           "budgets": measure_run(args, base, held, run)}
     if args.cost_repeats:
         res["cost"] = collection_cost(args, base, tok, dataset)

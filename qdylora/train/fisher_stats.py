@@ -9,7 +9,7 @@ and counts the loss tokens T. Averaging each position's second-order model aroun
 gives, at any reference c_R, the gradient h_R = (sum g_t + (sum g_t g_t^T) c_R - sum g_t (g_t . c_t)) / T and the
 curvature F = sum g_t g_t^T / T (`at_reference`): the same (h, F) fisher gets from a calibration pass at c_R, from
 positions the run computed anyway. The extra work is two [tokens, r_max] products and one r_max x r_max product per
-module and position, during the collected steps only.
+module and position, during the collected steps only, in float32 with float64 running sums.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class FisherCollector:
         self.first_step = first_step
         self.model = model
         device = next(p for p, _ in layer.component_axes()).device
-        self.table = cfg.component_scales().to(device)
+        self.table32 = cfg.component_scales().to(device, torch.float32)
         m, r = len(self.names), cfg.r_max
         self.grad = torch.zeros(m, r, dtype=torch.float64, device=device)
         self.outer = torch.zeros(m, r, r, dtype=torch.float64, device=device)
@@ -119,14 +119,16 @@ class FisherCollector:
                 if not self.kappa:
                     return
                 with torch.no_grad():
-                    A, B = (t.double() for t in layer.factors())
-                    x2 = x.reshape(-1, x.shape[-1]).double()
-                    dy2 = dy.reshape(-1, dy.shape[-1]).double()
-                    g = (dy2 @ B) * (x2 @ A.t()) / self.kappa  # [positions, r_max]
-                    c = self.table[_row_ranks(rank, x2.shape[0], g.device)]
-                    self.grad[index] += g.sum(0)
-                    self.outer[index] += g.t() @ g
-                    self.at_config[index] += g.t() @ (g * c).sum(1)
+                    # float32 products (a micro-step's sums lose nothing that matters), float64 running sums
+                    (A, _), (B, _) = layer.component_axes()
+                    x2 = x.reshape(-1, x.shape[-1]).float()
+                    dy2 = dy.reshape(-1, dy.shape[-1]).float()
+                    g = (dy2 @ B.detach().float()) * (x2 @ A.detach().float().t())  # [positions, r_max]
+                    g.mul_(1.0 / self.kappa)
+                    c = self.table32[_row_ranks(rank, x2.shape[0], g.device)]
+                    self.grad[index] += g.sum(0).double()
+                    self.outer[index] += (g.t() @ g).double()
+                    self.at_config[index] += (g.t() @ (g * c).sum(1)).double()
 
             output.register_hook(on_grad)
 
