@@ -220,9 +220,10 @@ def markdown(res: dict) -> str:
                       f"{cost['step_seconds_off']:.3f} s without (medians of {cost['steps_timed']['on']} and "
                       f"{cost['steps_timed']['off']} steps, arms alternated), {100 * cost['overhead']:+.2f}% per "
                       "collected step; the collection share above is that times W / steps."
-                      + (f" ({cost['note']}; earlier: " + ", ".join(f"{100 * c['overhead']:+.2f}%" for c in
-                                                                res.get("earlier_costs", [])) + ")"
-                         if cost.get("note") else "")]
+                      + (f" ({cost['note']}" + ("; earlier: " + ", ".join(
+                          f"{100 * c['overhead']:+.2f}% ({c.get('label', 'an earlier run')})" for c in res["earlier_costs"])
+                          if res.get("earlier_costs")
+                          else "") + ")" if cost.get("note") else "")]
     lines += ["", "Training seconds: " + ", ".join(f"seed {r['seed']} {r['train_seconds']:.0f} s" for r in runs.values())
               + "."]
     return "\n".join(lines) + "\n"
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
         res = json.loads((study.out_dir(args) / f"{args.stem}.json").read_text())
         if res.get("cost"):
             res.setdefault("earlier_costs", []).append(res["cost"])
-        res["cost"] = {**collection_cost(args, base, tok, dataset),
+        res["cost"] = {**collection_cost(args, base, tok, dataset), "label": "the current hook, nothing else running",
                        "note": "measured again after the runs above (the collection code changed since they ran)"}
         study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
         print(markdown(res))

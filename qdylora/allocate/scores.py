@@ -48,8 +48,6 @@ from .calib import CalibBatch, PrefixCache, batch_losses, configs_per_pass
 from .greedy import ScoreTable, default_allowed
 
 SCORES = ("loss", "taylor", "norm", "gradnorm", "fisher", "fisher-train")
-# scores computed from what the run saved, with no calibration pass
-DATA_FREE = ("norm", "fisher-train")
 
 
 def loss_grid(r_min: int, r_max: int, reference: int) -> list[int]:

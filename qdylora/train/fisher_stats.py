@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..adapters.attach import module_layers
+from ..data.examples import IGNORE_INDEX
 from ..errors import ConfigError
 
 STATS_NAME = "fisher_stats.safetensors"
-IGNORE_INDEX = -100
 _CHUNK = 1024  # logits rows per logsumexp: bounds the float32 copy of [positions, vocab]
 
 
@@ -92,15 +92,19 @@ class FisherCollector:
         keep = labels != IGNORE_INDEX
         if not bool(keep.any()):
             return
-        rows = logits.detach()[:, :-1][keep]
-        target = labels[keep]
-        p_y = torch.cat([(r.float().gather(1, y[:, None]).squeeze(1) - r.float().logsumexp(1)).exp()
-                         for r, y in zip(rows.split(_CHUNK), target.split(_CHUNK))])
+        b, t = keep.nonzero(as_tuple=True)
+        target = labels[b, t]
+        flat = logits.detach()
+        p_y = []
+        for s in range(0, len(b), _CHUNK):  # a chunk of target positions at a time, in float32
+            r = flat[b[s:s + _CHUNK], t[s:s + _CHUNK]].float()
+            p_y.append((r.gather(1, target[s:s + _CHUNK, None]).squeeze(1) - r.logsumexp(1)).exp())
+        p_y = torch.cat(p_y)
         n = int(keep.sum())
 
         def on_grad(dlogits):
             # the loss is a multiple kappa of the summed token losses: d/dlogit_y = kappa (p_y - 1) at each target
-            d_y = dlogits[:, :-1][keep].gather(1, target[:, None]).squeeze(1).double()
+            d_y = dlogits[b, t, target].double()
             self.kappa = float(-d_y.sum() / (1 - p_y.double()).sum().clamp(min=1e-12))
             self.tokens += n
 
