@@ -11,7 +11,9 @@ Beside it, when --compare holds allocate_calibration's results on the same runs:
     python benchmarks/allocate_fisher_train.py --seeds 2 --work-dir DIR --keep-runs --train-only   # one run per process
     python benchmarks/allocate_fisher_train.py --seeds 2,3 --work-dir DIR --adapters DIR           # the study
 
-Writes benchmarks/results/allocate_fisher_train_{steps}_{rank-per}.{json,md,png}.
+Writes benchmarks/results/allocate_fisher_train_{steps}_{rank-per}.{json,md,png}. The committed ones: `--rank-per module`
+(--window 40; trained with the first, float64 version of the hook) and `--rank-per example --window 20`, each with
+`--seeds 2,3 --budgets 1,2,4,8`, then `--cost-only` with nothing else running.
 """
 
 from __future__ import annotations
