@@ -192,17 +192,15 @@ def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str | None
     if score == "fisher-train" and not data:
         result = allocate_model(None, [], budget, score, avg_rank, min_rank=min_rank, stats=stats, costs=costs,
                                 config=cfg, source=source)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_pattern(result.pattern, output)
-        return result
-    records = load_calibration(data, limit)
-    base_name = resolve_base(meta, model)
-    base, tokenizer = load_model_and_tokenizer(base_name)
-    peft_model = load_adapter(base, adapter_dir)
-    batches = calibration_batches(records, tokenizer, max_seq_len, batch_size, model_device(peft_model))
-    source.update(base_model=base_name, max_seq_len=max_seq_len)
-    result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source, min_rank,
-                            stats=stats, costs=costs, config=cfg)
+    else:
+        records = load_calibration(data, limit)
+        base_name = resolve_base(meta, model)
+        base, tokenizer = load_model_and_tokenizer(base_name)
+        peft_model = load_adapter(base, adapter_dir)
+        batches = calibration_batches(records, tokenizer, max_seq_len, batch_size, model_device(peft_model))
+        source.update(base_model=base_name, max_seq_len=max_seq_len)
+        result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source, min_rank,
+                                stats=stats, costs=costs, config=cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_pattern(result.pattern, output)
     return result

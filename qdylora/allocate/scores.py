@@ -237,11 +237,12 @@ def fisher_train_scores(stats: dict[str, torch.Tensor], costs: dict[str, int], c
     """fisher's g[m, k] from the statistics `qdylora train --fisher-steps` saved beside the adapter (no data)."""
     from ..train.fisher_stats import at_reference, stats_info
 
-    at = at_reference(stats, cfg.component_scales(), reference)
+    table = cfg.component_scales()
+    at = at_reference(stats, table, reference)
     if set(at) != set(costs):
         raise ConfigError(f"the training statistics describe other modules than the adapter ({len(at)} vs "
                           f"{len(costs)}); train again with --fisher-steps, or use --score fisher --data CALIB")
-    curves = fisher_curves({n: at[n] for n in costs}, cfg.component_scales(), reference)
+    curves = fisher_curves({n: at[n] for n in costs}, table, reference)
     return curve_table(list(costs), curves, list(costs.values()), cfg, "fisher-train",
                        {"reference": reference, **stats_info(stats)})
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..adapters.attach import module_layers
 from ..data.examples import IGNORE_INDEX
 from ..errors import ConfigError
+from ..ops import row_ranks
 
 STATS_NAME = "fisher_stats.safetensors"
 _CHUNK = 1024  # logits rows per logsumexp: bounds the float32 copy of [positions, vocab]
@@ -100,7 +101,7 @@ class FisherCollector:
             r = flat[b[s:s + _CHUNK], t[s:s + _CHUNK]].float()
             p_y.append((r.gather(1, target[s:s + _CHUNK, None]).squeeze(1) - r.logsumexp(1)).exp())
         p_y = torch.cat(p_y)
-        n = int(keep.sum())
+        n = len(b)
 
         def on_grad(dlogits):
             # the loss is a multiple kappa of the summed token losses: d/dlogit_y = kappa (p_y - 1) at each target
@@ -129,7 +130,7 @@ class FisherCollector:
                     dy2 = dy.reshape(-1, dy.shape[-1]).float()
                     g = (dy2 @ B.detach().float()) * (x2 @ A.detach().float().t())  # [positions, r_max]
                     g.mul_(1.0 / self.kappa)
-                    c = self.table32[_row_ranks(rank, x2.shape[0], g.device)]
+                    c = self.table32[row_ranks(rank, x2.shape[0], g.device)]
                     self.grad[index] += g.sum(0).double()
                     self.outer[index] += (g.t() @ g).double()
                     self.at_config[index] += (g.t() @ (g * c).sum(1)).double()
@@ -172,12 +173,6 @@ class FisherCollector:
         self.steps = steps
 
 
-def _row_ranks(rank, positions: int, device) -> torch.Tensor:
-    from ..ops import row_ranks
-
-    return row_ranks(rank, positions, device)
-
-
 def _encode_names(names: list[str]) -> torch.Tensor:
     return torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8)
 
@@ -198,6 +193,11 @@ def at_reference(tensors: dict[str, torch.Tensor], table: torch.Tensor, referenc
         h = (tensors["grad"][i].double() + outer @ c - tensors["at_config"][i].double()) / T
         out[name] = (h, outer / T)
     return out
+
+
+def stats_files(state: dict[str, torch.Tensor] | None) -> dict | None:
+    """The `files` argument of save_adapter / write_adapter that puts the statistics beside the adapter (None: none)."""
+    return {STATS_NAME: state} if state is not None else None
 
 
 def read_stats(adapter_dir: str | Path) -> dict[str, torch.Tensor] | None:

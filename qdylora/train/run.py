@@ -120,14 +120,13 @@ def finish_from_checkpoint(out: Path, ckpt: Path, step: int) -> None:
     train_model sorts it when the run's truncation is 'svd'."""
     from ..adapters.files import SORTED_KEY, adapter_config, read_adapter, svd_sorted_meta, write_adapter
     from ..adapters.svd_sort import sorted_tensors
-    from .fisher_stats import STATS_NAME, read_stats
+    from .fisher_stats import read_stats, stats_files
 
     meta, tensors = read_adapter(ckpt / ADAPTER_SUBDIR)
     if adapter_config(meta).truncation == "svd" and not svd_sorted_meta(meta):
         tensors, meta = sorted_tensors(tensors, meta["targets"]), {**meta, SORTED_KEY: True}
-    stats = read_stats(ckpt / ADAPTER_SUBDIR)
     write_adapter(out / ADAPTER_SUBDIR, {**meta, "global_step": step}, tensors,
-                  {STATS_NAME: stats} if stats is not None else None)
+                  stats_files(read_stats(ckpt / ADAPTER_SUBDIR)))
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:

@@ -26,7 +26,7 @@ from ..atomic import WriteError, failure_reason, is_write_failure, usual_mode
 from ..errors import AdapterError, TrainingError
 from .callbacks import InterruptCallback, LogCallback, SyncCallback
 from .config import TrainConfig
-from .fisher_stats import STATS_NAME, FisherCollector, check_collectable, read_stats
+from .fisher_stats import FisherCollector, check_collectable, read_stats, stats_files
 from .optimizer import ComponentAdamW, resolve_optim, state_settings
 from .rank_schedule import RankSchedule
 from .run_folder import ADAPTER_SUBDIR, LOG_NAME, rotate_checkpoints
@@ -88,8 +88,8 @@ class QDyLoRATrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         if dylora_layers(self.model):
-            files = {STATS_NAME: self._fisher_state} if self._fisher_state is not None else None
-            save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR, params=self._gathered, files=files)
+            save_adapter(self.model, Path(output_dir) / ADAPTER_SUBDIR, params=self._gathered,
+                         files=stats_files(self._fisher_state))
         else:
             self.model.save_pretrained(output_dir, safe_serialization=True)
 
@@ -252,7 +252,7 @@ def train_model(model, tokenizer, train_dataset, cfg: TrainConfig, output_dir: s
             elif qcfg is not None:
                 set_rank(model, qcfg.r_max)
                 save_adapter(model, adapter, extra={"global_step": trainer.state.global_step}, params=params,
-                             files={STATS_NAME: stats} if stats is not None else None)
+                             files=stats_files(stats))
             else:
                 model.save_pretrained(str(adapter))
         except (AdapterError, WriteError) as e:
