@@ -18,7 +18,7 @@ import torch
 
 # first: kernel_setup imports triton (under the interpreter without CUDA) before bitsandbytes does
 from kernel_setup import (CUDA, KERNEL_TEST_FILES, MODE, TOLERANCES, check_against_formula,  # noqa: F401
-                          interpreter_env, make_case, only_in_child, qk, quantize, run)
+                          interpreter_env, make_case, only_in_child, qk, quantize, run, upstream_grad)
 
 import bitsandbytes.functional as bnbF  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -224,6 +224,25 @@ def test_no_grad_forward():
         want = ReferenceQDyLoRALinear.apply(*args, "nested", None)
         got = qk.triton_qdylora_linear(*args, "nested", None)
     assert rel_err(want, got) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("M", [SPLIT_M, GEMM_M], ids=["split", "gemm"])
+@pytest.mark.parametrize("op", ["reference", "triton"])
+def test_observe_gets_the_low_rank_activations(M, op):
+    """observe (fisher-train's statistics) gets x_lora, dy, x_lora A^T and dy B once per backward, by hand."""
+    case = make_case(M, 48, 128, 64, [(5 * i) % 64 + 1 for i in range(M)], x_lora=True)
+    seen = []
+    fn = ReferenceQDyLoRALinear.apply if op == "reference" else qk.triton_qdylora_linear
+    run(lambda *args: fn(*args, lambda *t: seen.append([v.detach().clone() for v in t])), case, "nested")
+    assert len(seen) == 1
+    xl, dy, h, dyB = seen[0]
+    y = ReferenceQDyLoRALinear.apply(*(case[k] for k in ("x", "weight", "quant_state", "bias", "lora_A", "lora_B",
+                                                       "ranks", "alpha")), "nested", case["x_lora"])
+    tol = dict(rtol=TOL[torch.float32], atol=1e-5)
+    torch.testing.assert_close(xl, case["x_lora"], **tol)
+    torch.testing.assert_close(dy, upstream_grad(y), **tol)
+    torch.testing.assert_close(h, case["x_lora"] @ case["lora_A"].t(), **tol)
+    torch.testing.assert_close(dyB, upstream_grad(y) @ case["lora_B"], **tol)
 
 
 # few examples, fixed seed and no shrinking: every example is a few interpreter runs

@@ -40,16 +40,18 @@ class TritonQDyLoRALinear(torch.autograd.Function):
 
     Arguments as ReferenceQDyLoRALinear.apply: (x [M, K], weight, quant_state, bias [N] | None,
     lora_A [R, K], lora_B [N, R], ranks int64 [M], alpha, update, x_lora [M, K] | None).
-    The packed weight is frozen storage: it gets no gradient and is decoded again in backward.
+    The packed weight is frozen storage: it gets no gradient and is decoded again in backward. observe: None, or
+    called once in backward as observe(x_lora, dy, h, dy @ B) (h = x_lora @ A^T; [M, R] each).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora):
+    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora, observe=None):
         y, saved = _forward(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora)
         x, xl, h, A, B, r, w = saved
         ctx.save_for_backward(x, xl if x_lora is not None else None, h, A, B, r)
         ctx.nf4 = w
         ctx.meta = (lora_A.dtype, lora_B.dtype, bias is not None, x_lora is not None, float(alpha), update)
+        ctx.observe = observe
         return y
 
     @staticmethod
@@ -73,13 +75,15 @@ class TritonQDyLoRALinear(torch.autograd.Function):
                 dx = fused_dx(dy, g, r, A, ctx.nf4, alpha, with_lora=not has_xl)
             if need_dxl:
                 dxl = (g * fwd.to(dtype)) @ A
+        if ctx.observe is not None:
+            ctx.observe(xl, dy, h, g)
         if ctx.needs_input_grad[4]:
             dA = ((g * grad.to(dtype)).t() @ xl).to(a_dtype)
         if ctx.needs_input_grad[5]:
             dB = (dy.t() @ (h * grad.to(dtype))).to(b_dtype)
         if has_bias and ctx.needs_input_grad[3]:
             dbias = dy.sum(0)
-        return dx, None, None, dbias, dA, dB, None, None, None, dxl
+        return dx, None, None, dbias, dA, dB, None, None, None, dxl, None
 
 
 def unsupported(x, weight, quant_state, bias, lora_A, lora_B, ranks, x_lora=None) -> str | None:
@@ -90,7 +94,8 @@ def unsupported(x, weight, quant_state, bias, lora_A, lora_B, ranks, x_lora=None
     return reason
 
 
-def triton_qdylora_linear(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update="nested", x_lora=None):
+def triton_qdylora_linear(x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update="nested", x_lora=None,
+                          observe=None):
     """The fused op for a call that `unsupported` accepts; ranks: an int, one per row or one per batch element."""
     if x.dim() == 2 and not (torch.is_tensor(ranks) and ranks.dim() == 1 and ranks.numel() == x.shape[0]):
         ranks = row_ranks(ranks, x.shape[0], x.device)
@@ -98,4 +103,4 @@ def triton_qdylora_linear(x, weight, quant_state, bias, lora_A, lora_B, ranks, a
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B, x_lora))):
         # inference (decoding, eval): no autograd node, nothing kept for a backward
         return _forward(*args, need_h=False)[0]
-    return TritonQDyLoRALinear.apply(*args)
+    return TritonQDyLoRALinear.apply(*args, observe)

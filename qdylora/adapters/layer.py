@@ -14,6 +14,7 @@ runs rank b at alpha/r_max instead.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,6 +50,8 @@ class DyLoRALinear(nn.Module, LoraLayer):
         self.backend: str | None = None
         # components sorted by the singular values of the full update (svd_sort): rank b runs at alpha/r_max
         self.svd_sorted = False
+        # None, or observe(rank, x_lora, dy, h, dyB) called in each training backward (FisherCollector)
+        self.observe = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config=config)
         self.rank: int | torch.Tensor = self.qdylora_config.r_max
@@ -135,11 +138,14 @@ class DyLoRALinear(nn.Module, LoraLayer):
             alpha, x_lora = self._sorted_scale(x, x_lora, ranks, alpha, cfg.r_max)
         weight, quant_state = packed_nf4(base)
         dtype = getattr(base, "compute_dtype", None) or x.dtype
+        observe = None
+        if training and self.observe is not None:
+            observe = functools.partial(self.observe, ranks)  # the ranks of this forward, whatever runs next
         # bnb's Linear4bit computes in its compute dtype; do the same so both paths agree.
         # Rank 0 (adapters disabled) still runs our op, so base-only and adapter outputs share one path.
         y = qdylora_linear(
             x.to(dtype), weight, quant_state, base.bias, A[:r_alloc], self.lora_dyB[name][:, :r_alloc], ranks,
-            alpha, update, None if x_lora is None else x_lora.to(dtype), self.backend,
+            alpha, update, None if x_lora is None else x_lora.to(dtype), self.backend, observe,
         )
         return y.to(x.dtype)
 

@@ -74,6 +74,7 @@ def qdylora_linear(
     update: str = "nested",
     x_lora: torch.Tensor | None = None,
     backend: str | None = None,
+    observe=None,
 ) -> torch.Tensor:
     """x @ deq(W)^T + (alpha/r) * (x_lora @ A[:r]^T) @ B[:, :r]^T + bias, per-row ranks r.
 
@@ -81,7 +82,9 @@ def qdylora_linear(
     with R >= every rank; ranks: an int, or a tensor with one rank per row or per leading batch
     element; update: 'frozen' (only component r-1 of a row gets gradient), 'nested' (all < r) or 'even'
     (all < r, at the scale alpha/R for every row: rows weigh alike on shared components);
-    x_lora: the input of the low-rank path when it differs from x (dropout).
+    x_lora: the input of the low-rank path when it differs from x (dropout); observe: None, or called once in
+    backward as observe(x_lora, dy, h, dy @ B[:, :R]) with h = x_lora @ A[:R]^T, over the rows of x (fisher-train's
+    statistics read the activations the op computes anyway).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -102,5 +105,5 @@ def qdylora_linear(
         else:
             warnings.warn(f"qdylora: the Triton kernels cannot run this call ({reason}); using the PyTorch "
                           "reference path", stacklevel=2)
-    y = fn(x2, weight, quant_state, bias, lora_A, lora_B, r, float(alpha), update, xl2)
+    y = fn(x2, weight, quant_state, bias, lora_A, lora_B, r, float(alpha), update, xl2, observe)
     return y.reshape(*lead, y.shape[-1])

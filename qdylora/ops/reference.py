@@ -24,7 +24,7 @@ class ReferenceQDyLoRALinear(torch.autograd.Function):
     """Autograd op for the reference path; see qdylora_linear for the arguments."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora):
+    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, ranks, alpha, update, x_lora, observe=None):
         dtype = x.dtype
         W = dequantize_nf4(weight, quant_state).to(dtype)
         A, B = lora_A.to(dtype), lora_B.to(dtype)
@@ -38,6 +38,7 @@ class ReferenceQDyLoRALinear(torch.autograd.Function):
         # the packed weight is frozen storage, not an autograd input: keep a reference, not a copy
         ctx.weight, ctx.quant_state = weight, quant_state
         ctx.meta = (lora_A.dtype, lora_B.dtype, bias is not None, x_lora is not None)
+        ctx.observe = observe
         return y
 
     @staticmethod
@@ -48,6 +49,8 @@ class ReferenceQDyLoRALinear(torch.autograd.Function):
             xl = x
         dtype = dy.dtype
         dyB = dy @ B
+        if ctx.observe is not None:
+            ctx.observe(xl, dy, h, dyB)
         dx = dxl = dA = dB = dbias = None
         if ctx.needs_input_grad[0]:
             W = dequantize_nf4(ctx.weight, ctx.quant_state).to(dtype)
@@ -65,4 +68,4 @@ class ReferenceQDyLoRALinear(torch.autograd.Function):
             dB = (dy.t() @ (h * grad.to(dtype))).to(b_dtype)
         if has_bias and ctx.needs_input_grad[3]:
             dbias = dy.sum(0)
-        return dx, None, None, dbias, dA, dB, None, None, None, dxl
+        return dx, None, None, dbias, dA, dB, None, None, None, dxl, None

@@ -8,8 +8,10 @@ gradient in the scales is g_t = u_t * v_t / kappa. The collector sums g_t, g_t g
 and counts the loss tokens T. Averaging each position's second-order model around the configuration c_t it ran at
 gives, at any reference c_R, the gradient h_R = (sum g_t + (sum g_t g_t^T) c_R - sum g_t (g_t . c_t)) / T and the
 curvature F = sum g_t g_t^T / T (`at_reference`): the same (h, F) fisher gets from a calibration pass at c_R, from
-positions the run computed anyway. The extra work is two [tokens, r_max] products and one r_max x r_max product per
-module and position, during the collected steps only, in float32 with float64 running sums.
+positions the run computed anyway. The op hands its backward's A x_t and dy_t B over (`observe`), so only the
+components a forward did not run (above the batch's largest rank) cost two products [tokens, in or out] x
+[in or out, r_max - r]; the rest is one r_max x r_max product per module and position, in the collected steps
+only, in float32 with float64 running sums.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class FisherCollector:
         device = next(p for p, _ in layer.component_axes()).device
         self.table32 = cfg.component_scales().to(device, torch.float32)
         m, r = len(self.names), cfg.r_max
+        self.r_max = r
         self.grad = torch.zeros(m, r, dtype=torch.float64, device=device)
         self.outer = torch.zeros(m, r, r, dtype=torch.float64, device=device)
         self.at_config = torch.zeros(m, r, dtype=torch.float64, device=device)
@@ -65,18 +68,20 @@ class FisherCollector:
         self.handles: list = []
 
     def attach(self) -> "FisherCollector":
-        """Register the hooks (they do nothing outside the collected steps)."""
-        self.handles = [layer.register_forward_hook(self._module_hook(i)) for i, layer in
-                        enumerate(self.layers.values())]
+        """Hand every adapted module's op the observer and hook the logits (both idle outside the collected steps)."""
+        for i, layer in enumerate(self.layers.values()):
+            layer.observe = self._observer(i, layer)
         head = self.model.get_output_embeddings()
-        self.handles.append(head.register_forward_hook(self._logits_hook))
+        self.handles = [head.register_forward_hook(self._logits_hook)]
         return self
 
     def detach(self) -> None:
-        """Remove the hooks."""
+        """Remove the observers and the hook."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        for layer in self.layers.values():
+            layer.observe = None
 
     def begin_micro_step(self, step: int, labels: torch.Tensor) -> None:
         """Before micro-step of optimizer step `step` (0-based) whose batch has these labels."""
@@ -111,33 +116,25 @@ class FisherCollector:
 
         logits.register_hook(on_grad)
 
-    def _module_hook(self, index: int):
-        layer = list(self.layers.values())[index]
-
-        def hook(_module, args, output):
-            # under activation checkpointing a block's forward runs again inside backward: count it once
-            if not (self.active and torch.is_grad_enabled() and output.requires_grad) or self.kappa is not None:
+    def _observer(self, i: int, layer):
+        def observe(rank, xl, dy, h, dyB):
+            # called by the op once per backward, also under activation checkpointing (the forward runs twice)
+            if not (self.active and self.kappa):
                 return
-            x, rank = args[0].detach(), layer.rank
+            # float32 products (a micro-step's sums lose nothing that matters), float64 running sums
+            g = dyB.float() * h.float()  # the components this forward ran
+            if g.shape[1] < self.r_max:  # and those it did not: c = 0 there, but the gradient is not
+                (A, _), (B, _) = layer.component_axes()
+                k = g.shape[1]
+                rest = (dy.float() @ B.detach()[:, k:].float()) * (xl.float() @ A.detach()[k:].float().t())
+                g = torch.cat([g, rest], 1)
+            g.mul_(1.0 / self.kappa)
+            c = self.table32[row_ranks(rank, g.shape[0], g.device)]
+            self.grad[i] += g.sum(0).double()
+            self.outer[i] += (g.t() @ g).double()
+            self.at_config[i] += (g.t() @ (g * c).sum(1)).double()
 
-            def on_grad(dy):
-                if not self.kappa:
-                    return
-                with torch.no_grad():
-                    # float32 products (a micro-step's sums lose nothing that matters), float64 running sums
-                    (A, _), (B, _) = layer.component_axes()
-                    x2 = x.reshape(-1, x.shape[-1]).float()
-                    dy2 = dy.reshape(-1, dy.shape[-1]).float()
-                    g = (dy2 @ B.detach().float()) * (x2 @ A.detach().float().t())  # [positions, r_max]
-                    g.mul_(1.0 / self.kappa)
-                    c = self.table32[row_ranks(rank, x2.shape[0], g.device)]
-                    self.grad[index] += g.sum(0).double()
-                    self.outer[index] += (g.t() @ g).double()
-                    self.at_config[index] += (g.t() @ (g * c).sum(1)).double()
-
-            output.register_hook(on_grad)
-
-        return hook
+        return observe
 
     def state(self) -> dict[str, torch.Tensor] | None:
         """The sums over every process (each saw its own rows) as CPU tensors, for the adapter folder (STATS_NAME);
