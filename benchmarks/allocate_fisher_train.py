@@ -37,6 +37,7 @@ from allocate_runs import attach_qdylora  # noqa: E402
 from alpaca_arms import train_arm  # noqa: E402
 
 COMPARE = bench.RESULTS / "allocate_calibration_160_module_fisher.json"
+COST_LABEL = "the op hands x A^T and dy B to the collector (observe), nothing else running"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,21 +131,44 @@ def measure_run(args, base, held, run: Path) -> dict:
 
 
 def collection_cost(args, base, tok, dataset) -> dict:
-    """Seconds per training step with and without collecting (median over the arms' steps after the first two)."""
+    """Seconds per training step with and without collecting (median over the arms' steps after the first two), the
+    same ratio per repeat (its spread is the timing noise), and the seconds spent inside the collector's hooks as a
+    share of the collecting arms' training time (the same cost, measured without the noise of comparing two runs)."""
     from qdylora.train import read_log
+    from qdylora.train.fisher_stats import FisherCollector
 
-    per = {"off": [], "on": []}
-    for rep in range(args.cost_repeats):
-        for arm, fisher in (("off", 0), ("on", args.cost_steps)):
-            run_args = argparse.Namespace(**{**vars(args), "seed": 0})
-            model = attach_qdylora(copy.deepcopy(base), run_args, args.main, 0)
-            name = f"cost_{arm}_{rep}"
-            train_arm(name, model, tok, dataset, run_args, steps=args.cost_steps, fisher_steps=fisher)
-            elapsed = [r["elapsed_s"] for r in read_log(Path(args.work_dir) / name)]
-            per[arm] += [b - a for a, b in zip(elapsed[1:], elapsed[2:])]
+    inside = [0.0]
+
+    def timed(fn):
+        def call(*a):
+            t0 = time.perf_counter()
+            fn(*a)
+            inside[0] += time.perf_counter() - t0
+        return call
+
+    observer, logits_hook = FisherCollector._observer, FisherCollector._logits_hook
+    per, medians, on_seconds = {"off": [], "on": []}, {"off": [], "on": []}, 0.0
+    try:
+        FisherCollector._observer = lambda self, i, layer: timed(observer(self, i, layer))
+        FisherCollector._logits_hook = lambda self, *a: timed(logits_hook)(self, *a)
+        for rep in range(args.cost_repeats):
+            for arm, fisher in (("off", 0), ("on", args.cost_steps)):
+                run_args = argparse.Namespace(**{**vars(args), "seed": 0})
+                model = attach_qdylora(copy.deepcopy(base), run_args, args.main, 0)
+                name = f"cost_{arm}_{rep}"
+                train_arm(name, model, tok, dataset, run_args, steps=args.cost_steps, fisher_steps=fisher)
+                elapsed = [r["elapsed_s"] for r in read_log(Path(args.work_dir) / name)]
+                steps = [b - a for a, b in zip(elapsed[1:], elapsed[2:])]
+                per[arm] += steps
+                medians[arm].append(statistics.median(steps))
+                if arm == "on":
+                    on_seconds += elapsed[-1]
+    finally:
+        FisherCollector._observer, FisherCollector._logits_hook = observer, logits_hook
     off, on = statistics.median(per["off"]), statistics.median(per["on"])
     return {"step_seconds_off": round(off, 3), "step_seconds_on": round(on, 3), "overhead": round(on / off - 1, 4),
-            "steps_timed": {k: len(v) for k, v in per.items()}}
+            "overhead_per_repeat": [round(a / b - 1, 4) for a, b in zip(medians["on"], medians["off"])],
+            "inside_share": round(inside[0] / on_seconds, 4), "steps_timed": {k: len(v) for k, v in per.items()}}
 
 
 def summarise(res: dict) -> dict:
@@ -159,9 +183,12 @@ def summarise(res: dict) -> dict:
     cost = res.get("cost")
     for w in first[next(iter(first))]["by_window"]:
         alloc = [a["by_window"][w]["seconds"] / r["train_seconds"] for r in runs for a in r["budgets"].values()]
-        collect = cost["overhead"] * int(w) / res["config"]["steps"] if cost else None
-        out["percent_of_training"][w] = {"allocation": round(100 * sum(alloc) / len(alloc), 4),
-                                         "collection": None if collect is None else round(100 * collect, 2)}
+        share = int(w) / res["config"]["steps"]
+        out["percent_of_training"][w] = {
+            "allocation": round(100 * sum(alloc) / len(alloc), 4),
+            "collection": round(100 * cost["overhead"] * share, 2) if cost else None,
+            "collection_inside": round(100 * cost["inside_share"] * share, 2) if cost and "inside_share" in cost
+            else None}
     return out
 
 
@@ -210,18 +237,24 @@ def markdown(res: dict) -> str:
     if comp and not has_comp:
         lines += ["", "(--compare holds other runs: its uniform losses differ, so it is not shown.)"]
     cost = res.get("cost")
-    lines += ["", "| window W | loss tokens | allocation, % of training | collection, % of training |", "|---|---|---|---|"]
+    lines += ["", "| window W | loss tokens | allocation, % of training | collection, % of training (time inside the "
+                  "hooks) | collection, % of training (A/B timing) |", "|---|---|---|---|---|"]
     first = next(iter(runs.values()))["budgets"]
     R0 = next(iter(first))
     for w in windows:
         pct = summary["percent_of_training"][w]
-        coll = "-" if pct["collection"] is None else f"{pct['collection']:.2f}"
-        lines.append(f"| {w} | {first[R0]['by_window'][w]['stats_tokens']:,} | {pct['allocation']:.4f} | {coll} |")
+        coll = ["-" if pct.get(k) is None else f"{pct[k]:.2f}" for k in ("collection_inside", "collection")]
+        lines.append(f"| {w} | {first[R0]['by_window'][w]['stats_tokens']:,} | {pct['allocation']:.4f} | "
+                     + " | ".join(coll) + " |")
     if cost:
         lines += ["", f"Collection cost: {cost['step_seconds_on']:.3f} s per step with it against "
                       f"{cost['step_seconds_off']:.3f} s without (medians of {cost['steps_timed']['on']} and "
                       f"{cost['steps_timed']['off']} steps, arms alternated), {100 * cost['overhead']:+.2f}% per "
                       "collected step; the collection share above is that times W / steps."
+                      + (" Per repeat: " + ", ".join(f"{100 * o:+.2f}%" for o in cost["overhead_per_repeat"])
+                         + " (the timing noise of this machine). Inside the collector's hooks the collecting arms spent "
+                         f"{100 * cost['inside_share']:.2f}% of their training time: the same cost without the "
+                         "noise of comparing two runs." if "inside_share" in cost else "")
                       + (f" ({cost['note']}" + ("; earlier: " + ", ".join(
                           f"{100 * c['overhead']:+.2f}% ({c.get('label', 'an earlier run')})" for c in res["earlier_costs"])
                           if res.get("earlier_costs")
@@ -249,7 +282,7 @@ def main(argv=None) -> int:
         res = json.loads((study.out_dir(args) / f"{args.stem}.json").read_text())
         if res.get("cost"):
             res.setdefault("earlier_costs", []).append(res["cost"])
-        res["cost"] = {**collection_cost(args, base, tok, dataset), "label": "the current hook, nothing else running",
+        res["cost"] = {**collection_cost(args, base, tok, dataset), "label": COST_LABEL,
                        "note": "measured again after the runs above (the collection code changed since they ran)"}
         study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
         print(markdown(res))

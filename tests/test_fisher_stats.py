@@ -12,6 +12,7 @@ from qdylora.adapters.attach import module_layers, qdylora_config_of, set_rank
 from qdylora.adapters.rank_sampler import RankSampler
 from qdylora.allocate.scores import fisher_train_scores
 from qdylora.data.examples import IGNORE_INDEX
+from qdylora.train import fisher_stats
 from qdylora.train.fisher_stats import STATS_NAME, FisherCollector, read_stats
 
 ALPHA, R_MAX = 16.0, 8
@@ -67,10 +68,12 @@ def _sums(parts):
     return {"grad": grad, "outer": outer, "at_config": at_config, "tokens": sum(p[2] for p in parts)}
 
 
-@pytest.mark.parametrize("per_row", [False, True])
-def test_collected_sums_match_per_position_autograd(per_row):
+@pytest.mark.parametrize("per_row,kappa_positions", [(False, 64), (True, 64), (True, 2)])
+def test_collected_sums_match_per_position_autograd(per_row, kappa_positions, monkeypatch):
     """Whatever multiple of the summed loss is backpropagated (here 0.37 / tokens), the sums are those of the
-    per-position gradients of the summed token losses, with each row at its own rank when ranks are per row."""
+    per-position gradients of the summed token losses, with each row at its own rank when ranks are per row;
+    the multiple is read from a few target positions as well as from all of them."""
+    monkeypatch.setattr(fisher_stats, "_KAPPA_POSITIONS", kappa_positions)
     model = allocation_model().train()
     names = list(module_layers(model))
     collector = FisherCollector(model, first_step=1).attach()

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..ops import row_ranks
 
 STATS_NAME = "fisher_stats.safetensors"
-_CHUNK = 1024  # logits rows per logsumexp: bounds the float32 copy of [positions, vocab]
+_KAPPA_POSITIONS = 64  # one kappa per micro-step: a few target positions measure it as well as all of them
 
 
 def check_collectable(config, sharded: bool) -> None:
@@ -99,17 +99,14 @@ class FisherCollector:
         if not bool(keep.any()):
             return
         b, t = keep.nonzero(as_tuple=True)
-        target = labels[b, t]
-        flat = logits.detach()
-        p_y = []
-        for s in range(0, len(b), _CHUNK):  # a chunk of target positions at a time, in float32
-            r = flat[b[s:s + _CHUNK], t[s:s + _CHUNK]].float()
-            p_y.append((r.gather(1, target[s:s + _CHUNK, None]).squeeze(1) - r.logsumexp(1)).exp())
-        p_y = torch.cat(p_y)
         n = len(b)
+        b, t = b[:_KAPPA_POSITIONS], t[:_KAPPA_POSITIONS]
+        target = labels[b, t]
+        rows = logits.detach()[b, t].float()
+        p_y = (rows.gather(1, target[:, None]).squeeze(1) - rows.logsumexp(1)).exp()
 
         def on_grad(dlogits):
-            # the loss is a multiple kappa of the summed token losses: d/dlogit_y = kappa (p_y - 1) at each target
+            # the loss is a multiple kappa of the summed token losses: d/dlogit_y = kappa (p_y - 1) at every target
             d_y = dlogits[b, t, target].double()
             self.kappa = float(-d_y.sum() / (1 - p_y.double()).sum().clamp(min=1e-12))
             self.tokens += n
