@@ -101,6 +101,31 @@ def test_collected_sums_match_per_position_autograd(per_row, kappa_positions, mo
         _close(got[key], want[key])
 
 
+def test_collecting_leaves_the_gradients_unchanged():
+    """The op hands its activations to the collector: the adapters' gradients are bit for bit those of a backward
+    without it, at ranks below and at r_max (the collector computes the missing components itself)."""
+    model = allocation_model().train()
+    b = calibration_batches(n=4)[0]
+    for i, layer in enumerate(module_layers(model).values()):
+        layer.set_rank(1 + (7 * i) % R_MAX)
+
+    def grads(collect: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        collector = FisherCollector(model, first_step=0).attach() if collect else None
+        if collector:
+            collector.begin_micro_step(0, b.labels)
+        model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels).loss.backward()
+        if collector:
+            collector.detach()
+            assert float(collector.tokens) > 0 and bool(collector.outer.abs().sum() > 0)
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    without, with_ = grads(False), grads(True)
+    assert len(without) == len(with_) > 0
+    for a, c in zip(without, with_):
+        assert torch.equal(a, c)
+
+
 def test_fisher_train_gains_are_the_averaged_second_order_model():
     """Each position's quadratic model around the configuration c_t it ran at, averaged over positions:
     L(c) - L(c_R) = mean_t [g_t . (c - c_R) + ((c - c_t)^T g_t)^2 / 2 - ((c_R - c_t)^T g_t)^2 / 2], here by hand
