@@ -17,6 +17,9 @@ allocate_calibration_400_module_{taylor,gradnorm}.*: the two 400-step `--rank-pe
 allocate_calibration_160_module_{fisher,taylor}.*: two fresh 160-step `--rank-per module` runs, seeds 2 and 3 on seed
 0's split (trained here with --keep-runs, then taken again with --adapters), `--steps 160 --main module --seed 0 --seeds 2,3
 --budgets 1,2,4,8 --taylor-floor default --truncation prefix --score fisher --sizes 8,32,64` (taylor: `--sizes 8,64`).
+allocate_calibration_160_example_taylor.*: the two default-rule runs of allocate_fisher_train_160_example (seeds 2, 3
+on seed 0's split), `--steps 160 --main example --seed 0 --seeds 2,3 --adapters DIR --adapters-only --budgets 1,2
+--taylor-floor 0 --sizes 4,8` (timed while two other benchmarks ran).
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
     python benchmarks/allocate_calibration.py --adapters DIR         # runs kept by allocate.py --keep-runs
