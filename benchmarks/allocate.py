@@ -18,6 +18,8 @@ The committed results: the two default runs were trained beside each other first
 settings, kept as --work-dir DIR/example-nested_160_{0,1} with their .json records), then
 `--adapters DIR --work-dir DIR --keep-runs --resume` with the LoRA rows of the previous results file; the second
 seed of the module run was added by `--compare module --compare-seeds 0,1` with the same four options.
+A second LoRA seed at R = 1, 2, 4, 8 was added later by `--resume --lora-noise-seed 1 --work-dir DIR --keep-runs`
+(the file's wall time and config are that invocation's).
 allocate_400.*: the two 400-step default runs, then LoRA r = 1, 2 and 4, were trained two at a time by a small
 driver calling qdylora_run and alpaca_arms.train_arm with these settings and `--steps 400 --keep-runs` (what this
 script does one after another), then `--steps 400 --adapters DIR --work-dir DIR --keep-runs --adapters-only
