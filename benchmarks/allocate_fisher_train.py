@@ -256,7 +256,9 @@ def markdown(res: dict) -> str:
                          f"{100 * cost['inside_share']:.2f}% of their training time: the same cost without the "
                          "noise of comparing two runs." if "inside_share" in cost else "")
                       + (f" ({cost['note']}" + ("; earlier: " + ", ".join(
-                          f"{100 * c['overhead']:+.2f}% ({c.get('label', 'an earlier run')})" for c in res["earlier_costs"])
+                          f"{100 * c['overhead']:+.2f}% ({c.get('label', 'an earlier run')}"
+                          + (f"; inside the hooks {100 * c['inside_share']:.2f}%" if "inside_share" in c else "") + ")"
+                          for c in res["earlier_costs"])
                           if res.get("earlier_costs")
                           else "") + ")" if cost.get("note") else "")]
     lines += ["", "Training seconds: " + ", ".join(f"seed {r['seed']} {r['train_seconds']:.0f} s" for r in runs.values())
