@@ -126,6 +126,21 @@ def test_collecting_leaves_the_gradients_unchanged():
         assert torch.equal(a, c)
 
 
+def test_no_collection_without_a_training_backward():
+    """Evaluation passes (no_grad) and forwards that never reach backward add nothing, even inside a collected step."""
+    model = allocation_model().train()
+    b = calibration_batches(n=4)[0]
+    collector = FisherCollector(model, first_step=0).attach()
+    collector.begin_micro_step(0, b.labels)
+    with torch.no_grad():
+        model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels)
+    model.eval()
+    model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels)  # graph built, never backpropagated
+    collector.detach()
+    assert float(collector.tokens) == 0 and float(collector.outer.abs().sum()) == 0
+    assert all(layer.observe is None for layer in module_layers(model).values())
+
+
 def test_fisher_train_gains_are_the_averaged_second_order_model():
     """Each position's quadratic model around the configuration c_t it ran at, averaged over positions:
     L(c) - L(c_R) = mean_t [g_t . (c - c_R) + ((c - c_t)^T g_t)^2 / 2 - ((c_R - c_t)^T g_t)^2 / 2], here by hand
