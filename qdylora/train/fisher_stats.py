@@ -56,7 +56,6 @@ class FisherCollector:
         device = next(p for p, _ in layer.component_axes()).device
         self.table32 = cfg.component_scales().to(device, torch.float32)
         m, r = len(self.names), cfg.r_max
-        self.r_max = r
         self.grad = torch.zeros(m, r, dtype=torch.float64, device=device)
         self.outer = torch.zeros(m, r, r, dtype=torch.float64, device=device)
         self.at_config = torch.zeros(m, r, dtype=torch.float64, device=device)
@@ -120,7 +119,7 @@ class FisherCollector:
                 return
             # float32 products (a micro-step's sums lose nothing that matters), float64 running sums
             g = dyB.float() * h.float()  # the components this forward ran
-            if g.shape[1] < self.r_max:  # and those it did not: c = 0 there, but the gradient is not
+            if g.shape[1] < self.grad.shape[1]:  # and those it did not: c = 0 there, but the gradient is not
                 (A, _), (B, _) = layer.component_axes()
                 k = g.shape[1]
                 rest = (dy.float() @ B.detach()[:, k:].float()) * (xl.float() @ A.detach()[k:].float().t())
