@@ -139,6 +139,23 @@ def test_sweep_refuses_a_bad_pattern_before_loading(run, tmp_path, capsys):
     assert not (tmp_path / "sw").exists()
 
 
+def test_low_budgets_on_an_unsorted_r_max_adapter_point_to_the_sorted_one(run, tmp_path, capsys):
+    """Under average rank 2 on an adapter trained at r_max (the fixture's default rule) the report says to allocate
+    on the svd-sorted adapter; from rank 2, and on the sorted adapter, it says nothing more."""
+    out, data = run
+    pattern = tmp_path / "p.json"
+    args = ["--data", str(data), "--output", str(pattern), "--limit", "2", "--overwrite"]
+    assert main(["allocate", str(out), "--avg-rank", "1", *args]) == 0
+    assert "qdylora sort RUN --output SORTED" in capsys.readouterr().out
+    assert main(["allocate", str(out), "--avg-rank", "2", *args]) == 0
+    assert "note:" not in capsys.readouterr().out
+    sorted_dir = tmp_path / "sorted"
+    assert main(["sort", str(out), "--output", str(sorted_dir)]) == 0
+    assert main(["allocate", str(sorted_dir), "--avg-rank", "1", *args]) == 0
+    text = capsys.readouterr().out
+    assert "calibration loss: pattern" in text and "note:" not in text, text
+
+
 def test_fisher_train_allocates_from_the_runs_statistics_without_data(tiny_model_dir, run, tmp_path, capsys):
     """A run trained with --fisher-steps: allocate --score fisher-train needs no --data (no model loads) and gives
     the same pattern with it, then also the calibration losses."""
@@ -155,6 +172,9 @@ def test_fisher_train_allocates_from_the_runs_statistics_without_data(tiny_model
     assert main(["allocate", str(out), "--avg-rank", "2", "--score", "fisher-train", "--output", str(a)]) == 0
     text = capsys.readouterr().out
     assert "from training steps 2-3" in text and "calibration loss: not measured" in text, text
+    assert main(["allocate", str(out), "--avg-rank", "1", "--score", "fisher-train", "--output",
+                 str(tmp_path / "c.json")]) == 0
+    assert "note:" not in capsys.readouterr().out  # drawn ranks (--rank-per module): no advice measured
     p = json.loads(a.read_text())
     assert p["score"] == "fisher-train" and p["params"] <= 2 * COST and p["source"]["stats_steps"] == [2, 3]
     assert p["source"]["calibration_loss"] == {"pattern": None, "uniform": None}

@@ -71,3 +71,13 @@ def layer_means(ranks: Mapping[str, int]) -> dict[int | None, float]:
         s, n = sums.get(layer, (0, 0))
         sums[layer] = (s + r, n + 1)
     return {k: s / n for k, (s, n) in sums.items()}
+
+
+def low_budget_note(avg_rank: float, r_max_prob: float, svd_sorted: bool) -> str | None:
+    """The measured advice for budgets under average rank 2 on an unsorted adapter trained at r_max, else None."""
+    # on such adapters rank 1 is an arbitrary slice of r_max components; sorted, it is the best rank-1 approximation
+    if avg_rank >= 2 or svd_sorted or r_max_prob < 1:
+        return None
+    return ("note: under an average rank of 2 on an adapter trained at r_max, taylor's pattern on the svd-sorted "
+            "adapter was better on every run measured (docs/allocation.md): qdylora sort RUN --output SORTED, then "
+            "qdylora allocate SORTED --score taylor --data CALIB")

@@ -19,7 +19,7 @@ from .calib import CalibBatch, config_losses
 from .greedy import (ScoreTable, budget_params, default_allowed, default_min_rank, floor_ranks, greedy_allocate,
                      uniform_rank)
 from .pattern import RankPattern, costs_from_tensors, pattern_params, write_pattern
-from .report import rank_table
+from .report import low_budget_note, rank_table
 from .scores import SCORES, compute_scores, fisher_train_scores
 
 
@@ -34,6 +34,7 @@ class Allocation:
     pattern_loss: float | None  # None: no calibration data (fisher-train without --data)
     uniform_loss: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    note: str | None = None  # measured advice for this kind of budget and adapter
 
     def summary(self) -> str:
         """The report `qdylora allocate` prints: table, parameters against budget, calibration losses."""
@@ -56,7 +57,7 @@ class Allocation:
                          f"{self.uniform_loss:.4f} (difference {self.pattern_loss - self.uniform_loss:+.4f})")
         else:
             lines.append(f"calibration loss: pattern {self.pattern_loss:.4f} (no uniform rank fits this budget)")
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.note] if self.note else []))
 
 
 def allocate_model(model: nn.Module | None, batches: Sequence[CalibBatch], budget: int, score: str = "taylor",
@@ -201,6 +202,7 @@ def allocate(run: str | os.PathLike, output: str | os.PathLike, data: str | None
         source.update(base_model=base_name, max_seq_len=max_seq_len)
         result = allocate_model(peft_model, batches, budget, score, avg_rank, grid, progress, source, min_rank,
                                 stats=stats, costs=costs, config=cfg)
+    result.note = low_budget_note(budget / sum(costs.values()), cfg.r_max_prob, svd_sorted_meta(meta))
     output.parent.mkdir(parents=True, exist_ok=True)
     write_pattern(result.pattern, output)
     return result
