@@ -20,6 +20,8 @@ allocate_calibration_160_module_{fisher,taylor}.*: two fresh 160-step `--rank-pe
 allocate_calibration_160_example_taylor.*: the two default-rule runs of allocate_fisher_train_160_example (seeds 2, 3
 on seed 0's split), `--steps 160 --main example --seed 0 --seeds 2,3 --adapters DIR --adapters-only --budgets 1,2
 --taylor-floor 0 --sizes 4,8,held`.
+allocate_calibration_160_example_svd.*: the same two runs sorted by singular value, `--steps 160 --main example --seed 0
+--seeds 2,3 --adapters DIR --adapters-only --budgets 1,2,4,8 --taylor-floor default --truncation svd --sizes 8`.
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
     python benchmarks/allocate_calibration.py --adapters DIR         # runs kept by allocate.py --keep-runs
