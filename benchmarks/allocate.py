@@ -98,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--truncation", choices=("prefix", "svd"), default=None,
                    help="how the QDyLoRA runs are cut to a rank (default: the CLI's, prefix; runs taken from "
                         "--adapters are sorted here when svd)")
+    p.add_argument("--r-max-prob", type=float, default=None,
+                   help="QDyLoRAConfig.r_max_prob of the QDyLoRA runs trained here (default: the rule's own)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--work-dir", default="/tmp/qdylora_allocate_bench",
                    help="training runs (deleted at the end unless --keep-runs)")

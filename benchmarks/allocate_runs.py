@@ -20,9 +20,10 @@ def attach_qdylora(base, args, rank_per: str, seed: int):
     from qdylora.adapters.config import QDyLoRAConfig
 
     torch.manual_seed(seed)
-    cut = {"truncation": args.truncation} if getattr(args, "truncation", None) else {}
+    chosen = {k: getattr(args, k, None) for k in ("truncation", "r_max_prob")}  # None: the config's default
     return attach_adapters(base, QDyLoRAConfig(r_min=1, r_max=args.r_max, alpha=args.alpha, update=args.update,
-                                               rank_per=rank_per, seed=seed, **cut))
+                                               rank_per=rank_per, seed=seed,
+                                               **{k: v for k, v in chosen.items() if v is not None}))
 
 
 def reused(args, name: str, steps: int, seed: int) -> tuple[Path, dict] | None:
