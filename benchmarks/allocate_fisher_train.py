@@ -14,6 +14,8 @@ Beside it, when --compare holds allocate_calibration's results on the same runs:
 Writes benchmarks/results/allocate_fisher_train_{steps}_{rank-per}.{json,md,png}. The committed ones: `--rank-per module`
 (--window 40; trained with the first, float64 version of the hook) and `--rank-per example --window 20`, each with
 `--seeds 2,3 --budgets 1,2,4,8`, then `--cost-only` with nothing else running.
+allocate_fisher_train_160_module_rmax09.*: `--rank-per module --r-max-prob 0.9 --window 20 --seeds 2,3 --budgets 1,2,4,8,64
+--cost-repeats 0`, then `--cost-only` with nothing else running.
 allocate_fisher_train_400_example.*: `--steps 400 --rank-per example --window 50 --seeds 2,3 --cost-repeats 0` (the
 collection's cost per collected step is the 160-step file's).
 """
@@ -218,6 +220,8 @@ def markdown(res: dict) -> str:
     summary = res["summary"]
     windows = list(next(iter(summary["per_budget"].values())))
     rule = "`--rank-per module`" if cfg["main"] == "module" else "default-rule (every row at r_max)"
+    if cfg.get("r_max_prob") is not None:
+        rule += f" `--r-max-prob {cfg['r_max_prob']}`"
     lines = [f"# fisher-train: ranks from statistics gathered while training ({res['machine']})", "",
              f"{cfg['model']}; {rule} runs, {cfg['steps']} steps x batch {cfg['batch_size']}, seeds "
              + ", ".join(str(r["seed"]) for r in runs.values()) + f"; held-out: {cfg['n_heldout']} examples. Cells: "
@@ -287,7 +291,7 @@ def main(argv=None) -> int:
         if res.get("cost"):
             res.setdefault("earlier_costs", []).append(res["cost"])
         res["cost"] = {**collection_cost(args, base, tok, dataset), "label": COST_LABEL,
-                       "note": "measured again after the runs above (the collection code changed since they ran)"}
+                       "note": "measured separately after the runs above (--cost-only), nothing else running"}
         study.save(res, study.out_dir(args), args.stem, summarise, markdown, plot)
         print(markdown(res))
         return 0

@@ -156,6 +156,16 @@ def test_low_budgets_on_an_unsorted_r_max_adapter_point_to_the_sorted_one(run, t
     assert "calibration loss: pattern" in text and "note:" not in text, text
 
 
+def test_the_sort_advice_covers_runs_with_a_tenth_of_their_draws_below_r_max():
+    """The advice holds where it was measured: every draw at r_max, or 90% of them (module draws); not at 50%."""
+    from qdylora.allocate.report import low_budget_note
+
+    assert low_budget_note(1.0, 0.9, svd_sorted=False) is not None
+    assert low_budget_note(1.0, 0.5, svd_sorted=False) is None
+    assert low_budget_note(1.0, 0.9, svd_sorted=True) is None
+    assert low_budget_note(2.0, 1.0, svd_sorted=False) is None
+
+
 def test_fisher_train_allocates_from_the_runs_statistics_without_data(tiny_model_dir, run, tmp_path, capsys):
     """A run trained with --fisher-steps: allocate --score fisher-train needs no --data (no model loads) and gives
     the same pattern with it, then also the calibration losses."""

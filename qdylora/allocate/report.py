@@ -7,6 +7,8 @@ from typing import Mapping
 
 LAYER = re.compile(r"\.(\d+)\.")
 
+SORT_ADVICE_MIN_R_MAX_PROB = 0.9  # the smallest share of draws at r_max the sort advice was measured on
+
 
 def split_name(name: str) -> tuple[str, int | None]:
     """('self_attn.q_proj', 3) for 'model.layers.3.self_attn.q_proj'; (name, None) without a layer number."""
@@ -74,10 +76,11 @@ def layer_means(ranks: Mapping[str, int]) -> dict[int | None, float]:
 
 
 def low_budget_note(avg_rank: float, r_max_prob: float, svd_sorted: bool) -> str | None:
-    """The measured advice for budgets under average rank 2 on an unsorted adapter trained at r_max, else None."""
-    # on such adapters rank 1 is an arbitrary slice of r_max components; sorted, it is the best rank-1 approximation
-    if avg_rank >= 2 or svd_sorted or r_max_prob < 1:
+    """The measured advice for budgets under average rank 2 on an unsorted adapter trained (mostly) at r_max, else None."""
+    # on such adapters rank 1 is an arbitrary slice of r_max components; sorted, it is the best rank-1 approximation.
+    # Measured on runs with every draw at r_max and with 90% of the module draws at r_max (docs/allocation.md).
+    if avg_rank >= 2 or svd_sorted or r_max_prob < SORT_ADVICE_MIN_R_MAX_PROB:
         return None
-    return ("note: under an average rank of 2 on an adapter trained at r_max, taylor's pattern on the svd-sorted "
-            "adapter was better on every run measured (docs/allocation.md): qdylora sort RUN --output SORTED, then "
-            "qdylora allocate SORTED --score taylor --data CALIB")
+    return ("note: under an average rank of 2 on an adapter trained (mostly) at r_max, taylor's pattern on the "
+            "svd-sorted adapter was better on every run measured (docs/allocation.md): qdylora sort RUN --output "
+            "SORTED, then qdylora allocate SORTED --score taylor --data CALIB")
