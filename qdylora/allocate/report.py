@@ -76,7 +76,7 @@ def layer_means(ranks: Mapping[str, int]) -> dict[int | None, float]:
 
 
 def low_budget_note(avg_rank: float, r_max_prob: float, svd_sorted: bool) -> str | None:
-    """The measured advice for budgets under average rank 2 on an unsorted adapter trained mostly at r_max, else None."""
+    """The measured advice for budgets under average rank 2 on unsorted adapters trained mostly at r_max, else None."""
     # on such adapters rank 1 is an arbitrary slice of r_max components; sorted, it is the best rank-1 approximation.
     # Measured on runs with every draw at r_max and with 90% of the module draws at r_max (docs/allocation.md).
     if avg_rank >= 2 or svd_sorted or r_max_prob < SORT_ADVICE_MIN_R_MAX_PROB:
