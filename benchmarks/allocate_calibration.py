@@ -28,6 +28,8 @@ allocate_calibration_160_module_rmax09_svd.*: the two runs of allocate_fisher_tr
 `--steps 160 --main module --r-max-prob 0.9 --seed 0 --seeds 2,3 --adapters DIR --adapters-only --budgets 1,2,4,8
 --taylor-floor default --truncation svd --sizes 8`; allocate_calibration_160_module_rmax09_taylor.*: the same runs as
 trained, `--truncation prefix --budgets 1 --taylor-floor 0 --sizes 8`.
+allocate_calibration_160_module_rmax05_svd.*: the same as the rmax09_svd files on the runs of
+allocate_fisher_train_160_module_rmax05 (`--r-max-prob 0.5`).
 allocate_calibration_400_example_svd_fisher.*: the same sorted 400-step runs, `--score fisher --sizes 8,16 --threads 2`.
 
     python benchmarks/allocate_calibration.py --smoke                # tiny sizes, end to end (minutes)
