@@ -16,7 +16,8 @@ Writes benchmarks/results/allocate_fisher_train_{steps}_{rank-per}.{json,md,png}
 `--seeds 2,3 --budgets 1,2,4,8`, then `--cost-only` with nothing else running.
 allocate_fisher_train_160_module_rmax09.*: `--rank-per module --r-max-prob 0.9 --window 20 --seeds 2,3
 --budgets 1,2,4,8,64 --cost-repeats 0`, then `--cost-only` with nothing else running.
-allocate_fisher_train_160_module_rmax05.*: the same with `--r-max-prob 0.5`, without `--cost-only`.
+allocate_fisher_train_160_module_rmax05.* / _rmax075.*: the same with `--r-max-prob 0.5` / `0.75` (0.75: `--budgets
+1,2,4,8`), without `--cost-only`.
 allocate_fisher_train_400_example.*: `--steps 400 --rank-per example --window 50 --seeds 2,3 --cost-repeats 0` (the
 collection's cost per collected step is the 160-step file's).
 """
